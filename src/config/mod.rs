@@ -1,0 +1,767 @@
+//! Configuration: the TOML file ([`raw`]) is validated into [`Config`]. Every problem is reported at
+//! once, each with its line, key and bad value; nothing is bound before the file is valid.
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use crate::routing::Cidr;
+use crate::sip::Transport;
+
+/// Default cap on one SIP message (header section plus body), bytes.
+pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Local addresses to serve.
+    pub listeners: Vec<Listener>,
+    /// Proxy-wide behaviour.
+    pub proxy: ProxySettings,
+    /// UDP socket options.
+    pub udp: UdpSettings,
+    /// TCP limits.
+    pub tcp: TcpSettings,
+    /// Where requests from carriers go.
+    pub pbx: Option<Target>,
+    /// Carrier endpoints.
+    pub upstreams: Vec<Upstream>,
+    /// Parent accounts (pooled limits).
+    pub accounts: Vec<Account>,
+    /// Trunks, in match order.
+    pub trunks: Vec<Trunk>,
+}
+
+/// One local address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Name used in logs.
+    pub name: String,
+    /// Address to bind (port 0 picks a free port).
+    pub address: SocketAddr,
+    /// Serve UDP here.
+    pub udp: bool,
+    /// Serve TCP here.
+    pub tcp: bool,
+    /// Host and port written into Via and Record-Route instead of the bound address (for
+    /// `0.0.0.0` binds and NAT).
+    pub advertise: Option<(String, Option<u16>)>,
+}
+
+/// What to do with requests from a source that matches no trunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownSources {
+    /// Answer `403 Forbidden` (the toll-fraud guard).
+    Reject,
+    /// Forward to `default_upstream`.
+    Forward,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxySettings {
+    /// Key for branch and To-tag hashing; random per start when absent.
+    pub secret: Option<String>,
+    /// Extra host names that mean this proxy in Route and Request-URI.
+    pub aliases: Vec<String>,
+    /// Policy for unmatched sources.
+    pub unknown_sources: UnknownSources,
+    /// Upstream index for `unknown_sources = "forward"`.
+    pub default_upstream: Option<usize>,
+    /// Insert Record-Route on dialog-creating requests.
+    pub record_route: bool,
+    /// Largest accepted message.
+    pub max_message_size: usize,
+    /// How long in-flight work may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: std::time::Duration,
+}
+
+/// `[udp]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSettings {
+    /// SO_RCVBUF in bytes.
+    pub recv_buffer: usize,
+    /// SO_SNDBUF in bytes.
+    pub send_buffer: usize,
+}
+
+/// `[tcp]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSettings {
+    /// Close a connection with no traffic for this long.
+    pub idle_timeout: std::time::Duration,
+    /// Give up an outbound connect after this long.
+    pub connect_timeout: std::time::Duration,
+    /// Most open connections (inbound and outbound together).
+    pub max_connections: usize,
+}
+
+/// A destination: host (IP literal or name resolved at start) and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Host as written.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Transport to use.
+    pub transport: Transport,
+}
+
+/// `[[upstream]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// Name referenced by trunks.
+    pub name: String,
+    /// Where to send.
+    pub target: Target,
+    /// Source networks this carrier sends from (its address when not given).
+    pub sources: Vec<Cidr>,
+}
+
+/// A rate: `rate` cells per second, `burst` cells at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    /// Calls per second.
+    pub rate: f64,
+    /// Calls admitted back to back.
+    pub burst: u32,
+}
+
+/// `[[account]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    /// Name referenced by trunks.
+    pub name: String,
+    /// The pooled limit.
+    pub limit: Limit,
+}
+
+/// How a trunk is recognised; every given criterion must hold.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrunkMatch {
+    /// Source networks.
+    pub sources: Vec<Cidr>,
+    /// SIP username (Authorization/Proxy-Authorization username, else From user).
+    pub username: Option<String>,
+    /// A header (name, exact value).
+    pub header: Option<(String, String)>,
+}
+
+/// `[[trunk]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trunk {
+    /// Name.
+    pub name: String,
+    /// Parent account index.
+    pub account: Option<usize>,
+    /// Upstream index.
+    pub upstream: usize,
+    /// The trunk's own limit.
+    pub limit: Limit,
+    /// How it is recognised.
+    pub matcher: TrunkMatch,
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line (0 when not tied to a line).
+    pub line: usize,
+    /// Dotted key, e.g. `trunk[2].rate`.
+    pub key: String,
+    /// The offending value as written (may be empty).
+    pub value: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "line {}: ", self.line)?;
+        }
+        write!(f, "{}", self.key)?;
+        if !self.value.is_empty() {
+            write!(f, " = {}", self.value)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The file, for messages.
+    pub source_name: String,
+    /// The problems, in file order.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} error(s) in configuration",
+            self.source_name,
+            self.errors.len()
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Read and validate a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source_name: path.display().to_string(),
+            errors: vec![ConfigError {
+                line: 0,
+                key: String::new(),
+                value: String::new(),
+                message: format!("cannot read file: {e}"),
+            }],
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Validate TOML text; `source_name` labels the messages.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, ConfigErrors> {
+        let mut v = Validator {
+            text,
+            errors: Vec::new(),
+        };
+        let cfg = v.document();
+        if v.errors.is_empty() {
+            Ok(cfg.expect("a document without errors yields a config"))
+        } else {
+            v.errors.sort_by_key(|e| e.line);
+            Err(ConfigErrors {
+                source_name: source_name.to_owned(),
+                errors: v.errors,
+            })
+        }
+    }
+}
+
+struct Validator<'t> {
+    text: &'t str,
+    errors: Vec<ConfigError>,
+}
+
+/// Raw sections collected from the document.
+#[derive(Default)]
+struct RawDoc {
+    listen: Vec<raw::Listen>,
+    proxy: raw::Proxy,
+    udp: raw::Udp,
+    tcp: raw::Tcp,
+    pbx: Option<raw::Pbx>,
+    upstream: Vec<raw::Upstream>,
+    account: Vec<raw::Account>,
+    trunk: Vec<raw::Trunk>,
+}
+
+impl<'t> Validator<'t> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(&mut self, span: Range<usize>, key: impl Into<String>, value: impl fmt::Display, msg: impl Into<String>) {
+        self.errors.push(ConfigError {
+            line: self.line(&span),
+            key: key.into(),
+            value: value.to_string(),
+            message: msg.into(),
+        });
+    }
+
+    fn err_at<T: fmt::Debug>(&mut self, s: &Spanned<T>, key: impl Into<String>, msg: impl Into<String>) {
+        let value = format!("{:?}", s.get_ref());
+        self.err(s.span(), key, value, msg);
+    }
+
+    fn section<T: for<'de> Deserialize<'de>>(&mut self, key: &str, value: &Spanned<DeValue<'_>>) -> Option<T> {
+        match T::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let span = e.span().unwrap_or_else(|| value.span());
+                let snippet = self.text.get(span.clone()).unwrap_or("").trim();
+                let snippet = if snippet.len() > 60 || snippet.contains('\n') { "" } else { snippet };
+                self.err(span, key, snippet, e.message().trim().to_owned());
+                None
+            }
+        }
+    }
+
+    fn array<T: for<'de> Deserialize<'de>>(&mut self, key: &str, value: &Spanned<DeValue<'_>>) -> Vec<T> {
+        let Some(items) = value.get_ref().as_array() else {
+            self.err(value.span(), key, "", format!("must be an array of tables ([[{key}]])"));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(t) = self.section(&format!("{key}[{i}]"), item) {
+                out.push(t);
+            }
+        }
+        out
+    }
+
+    fn document(&mut self) -> Option<Config> {
+        let (root, syntax) = DeTable::parse_recoverable(self.text);
+        for e in syntax {
+            let span = e.span().unwrap_or(0..0);
+            self.err(span, "(syntax)", "", e.message().trim().to_owned());
+        }
+        if !self.errors.is_empty() {
+            return None;
+        }
+        let mut doc = RawDoc::default();
+        for (k, v) in root.get_ref().iter() {
+            let key = k.get_ref().as_ref();
+            match key {
+                "listen" => doc.listen = self.array(key, v),
+                "upstream" => doc.upstream = self.array(key, v),
+                "account" => doc.account = self.array(key, v),
+                "trunk" => doc.trunk = self.array(key, v),
+                "proxy" => doc.proxy = self.section(key, v).unwrap_or_default(),
+                "udp" => doc.udp = self.section(key, v).unwrap_or_default(),
+                "tcp" => doc.tcp = self.section(key, v).unwrap_or_default(),
+                "pbx" => doc.pbx = self.section(key, v),
+                other => self.err(
+                    k.span(),
+                    other,
+                    "",
+                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk)",
+                ),
+            }
+        }
+        self.validate(doc)
+    }
+
+    fn validate(&mut self, doc: RawDoc) -> Option<Config> {
+        let listeners = self.listeners(&doc.listen);
+        let upstreams: Vec<Upstream> = doc
+            .upstream
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| self.upstream(i, u))
+            .collect();
+        self.unique("upstream", doc.upstream.iter().map(|u| &u.name));
+        let accounts: Vec<Account> = doc
+            .account
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                let limit = self.limit(&format!("account[{i}]"), &a.rate, a.burst.as_ref())?;
+                Some(Account {
+                    name: a.name.get_ref().clone(),
+                    limit,
+                })
+            })
+            .collect();
+        self.unique("account", doc.account.iter().map(|a| &a.name));
+        let trunks: Vec<Trunk> = doc
+            .trunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| self.trunk(i, t, &doc))
+            .collect();
+        self.unique("trunk", doc.trunk.iter().map(|t| &t.name));
+        let proxy = self.proxy(&doc.proxy, &doc.upstream);
+        let udp = UdpSettings {
+            recv_buffer: self.size("udp.recv_buffer", doc.udp.recv_buffer.as_ref(), 4 << 20, 4096..=1 << 30),
+            send_buffer: self.size("udp.send_buffer", doc.udp.send_buffer.as_ref(), 4 << 20, 4096..=1 << 30),
+        };
+        let tcp = TcpSettings {
+            idle_timeout: std::time::Duration::from_secs(self.size(
+                "tcp.idle_timeout_secs",
+                doc.tcp.idle_timeout_secs.as_ref(),
+                300,
+                1..=86_400,
+            ) as u64),
+            connect_timeout: std::time::Duration::from_millis(self.size(
+                "tcp.connect_timeout_ms",
+                doc.tcp.connect_timeout_ms.as_ref(),
+                2000,
+                10..=60_000,
+            ) as u64),
+            max_connections: self.size("tcp.max_connections", doc.tcp.max_connections.as_ref(), 1024, 1..=1_000_000),
+        };
+        let pbx = doc.pbx.as_ref().and_then(|p| self.target("pbx", &p.address, p.transport.as_ref()));
+        if !self.errors.is_empty() {
+            return None;
+        }
+        Some(Config {
+            listeners,
+            proxy: proxy?,
+            udp,
+            tcp,
+            pbx,
+            upstreams,
+            accounts,
+            trunks,
+        })
+    }
+
+    fn unique<'a>(&mut self, what: &str, names: impl Iterator<Item = &'a Spanned<String>>) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, n) in names.enumerate() {
+            if n.get_ref().is_empty() {
+                self.err_at(n, format!("{what}[{i}].name"), "must not be empty");
+            } else if !seen.insert(n.get_ref().clone()) {
+                self.err_at(n, format!("{what}[{i}].name"), format!("duplicate {what} name"));
+            }
+        }
+    }
+
+    fn size(&mut self, key: &str, v: Option<&Spanned<i64>>, default: usize, range: std::ops::RangeInclusive<i64>) -> usize {
+        match v {
+            None => default,
+            Some(s) if range.contains(s.get_ref()) => *s.get_ref() as usize,
+            Some(s) => {
+                self.err_at(s, key, format!("must be between {} and {}", range.start(), range.end()));
+                default
+            }
+        }
+    }
+
+    fn limit(&mut self, key: &str, rate: &Spanned<f64>, burst: Option<&Spanned<i64>>) -> Option<Limit> {
+        let r = *rate.get_ref();
+        let mut ok = true;
+        if !(r.is_finite() && r > 0.0 && r <= 1_000_000.0) {
+            self.err_at(rate, format!("{key}.rate"), "must be a number of calls per second > 0 and ≤ 1000000");
+            ok = false;
+        }
+        let b = match burst {
+            None => 1,
+            Some(b) if (1..=1_000_000).contains(b.get_ref()) => *b.get_ref() as u32,
+            Some(b) => {
+                self.err_at(b, format!("{key}.burst"), "must be a whole number of calls between 1 and 1000000");
+                ok = false;
+                1
+            }
+        };
+        ok.then_some(Limit { rate: r, burst: b })
+    }
+
+    fn listeners(&mut self, raw: &[raw::Listen]) -> Vec<Listener> {
+        if raw.is_empty() {
+            self.err(0..0, "listen", "", "at least one [[listen]] address is required");
+        }
+        let mut out = Vec::new();
+        for (i, l) in raw.iter().enumerate() {
+            let key = format!("listen[{i}]");
+            let address = match l.address.get_ref().parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    self.err_at(&l.address, format!("{key}.address"), "must be IP:port, e.g. \"0.0.0.0:5060\" or \"[::]:5060\"");
+                    continue;
+                }
+            };
+            let (mut udp, mut tcp) = (false, false);
+            match &l.transports {
+                None => (udp, tcp) = (true, true),
+                Some(list) => {
+                    for t in list {
+                        match t.get_ref().to_ascii_lowercase().as_str() {
+                            "udp" => udp = true,
+                            "tcp" => tcp = true,
+                            _ => self.err_at(t, format!("{key}.transports"), "must be \"udp\" or \"tcp\""),
+                        }
+                    }
+                    if list.is_empty() {
+                        self.err(0..0, format!("{key}.transports"), "[]", "must name at least one transport");
+                    }
+                }
+            }
+            let advertise = l.advertise.as_ref().and_then(|a| match split_host_port(a.get_ref()) {
+                Some((h, p)) => Some((h, p)),
+                None => {
+                    self.err_at(a, format!("{key}.advertise"), "must be host or host:port");
+                    None
+                }
+            });
+            if address.ip().is_unspecified() && advertise.is_none() {
+                self.err_at(&l.address, format!("{key}.advertise"), "required when binding an unspecified address (Via and Record-Route need a reachable host)");
+            }
+            out.push(Listener {
+                name: l.name.as_ref().map_or_else(|| format!("listen{i}"), |n| n.get_ref().clone()),
+                address,
+                udp,
+                tcp,
+                advertise,
+            });
+        }
+        out
+    }
+
+    fn target(&mut self, key: &str, address: &Spanned<String>, transport: Option<&Spanned<String>>) -> Option<Target> {
+        let t = match transport {
+            None => Transport::Udp,
+            Some(t) => match t.get_ref().to_ascii_lowercase().as_str() {
+                "udp" => Transport::Udp,
+                "tcp" => Transport::Tcp,
+                _ => {
+                    self.err_at(t, format!("{key}.transport"), "must be \"udp\" or \"tcp\"");
+                    return None;
+                }
+            },
+        };
+        match split_host_port(address.get_ref()) {
+            Some((host, port)) => Some(Target {
+                host,
+                port: port.unwrap_or(5060),
+                transport: t,
+            }),
+            None => {
+                self.err_at(address, format!("{key}.address"), "must be host:port, e.g. \"sip.carrier.example:5060\" or \"[2001:db8::1]:5060\"");
+                None
+            }
+        }
+    }
+
+    fn cidrs(&mut self, key: &str, list: &[Spanned<String>]) -> Vec<Cidr> {
+        list.iter()
+            .filter_map(|s| match s.get_ref().parse::<Cidr>() {
+                Ok(c) => Some(c),
+                Err(_) => {
+                    self.err_at(s, key, "must be an IP address, a CIDR or ip:port, e.g. \"203.0.113.0/24\"");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn upstream(&mut self, i: usize, u: &raw::Upstream) -> Option<Upstream> {
+        let key = format!("upstream[{i}]");
+        let target = self.target(&key, &u.address, u.transport.as_ref())?;
+        let sources = match &u.sources {
+            Some(list) => self.cidrs(&format!("{key}.sources"), list),
+            None => target.host.parse::<std::net::IpAddr>().map(Cidr::host).into_iter().collect(),
+        };
+        Some(Upstream {
+            name: u.name.get_ref().clone(),
+            target,
+            sources,
+        })
+    }
+
+    fn trunk(&mut self, i: usize, t: &raw::Trunk, doc: &RawDoc) -> Option<Trunk> {
+        let key = format!("trunk[{i}]");
+        let upstream = doc.upstream.iter().position(|u| u.name.get_ref() == t.upstream.get_ref());
+        if upstream.is_none() {
+            self.err_at(&t.upstream, format!("{key}.upstream"), "no [[upstream]] has this name");
+        }
+        let account = match &t.account {
+            None => None,
+            Some(a) => match doc.account.iter().position(|x| x.name.get_ref() == a.get_ref()) {
+                Some(idx) => Some(idx),
+                None => {
+                    self.err_at(a, format!("{key}.account"), "no [[account]] has this name");
+                    return None;
+                }
+            },
+        };
+        let limit = self.limit(&key, &t.rate, t.burst.as_ref());
+        let m = t.matcher.get_ref();
+        let matcher = TrunkMatch {
+            sources: m.sources.as_deref().map(|l| self.cidrs(&format!("{key}.match.sources"), l)).unwrap_or_default(),
+            username: m.username.as_ref().map(|u| u.get_ref().clone()),
+            header: m.header.as_ref().map(|h| (h.name.get_ref().clone(), h.value.get_ref().clone())),
+        };
+        if let Some(h) = &m.header {
+            if h.name.get_ref().is_empty() || !h.name.get_ref().bytes().all(crate::sip::scan::is_token_char) {
+                self.err_at(&h.name, format!("{key}.match.header.name"), "must be a header name");
+            }
+        }
+        if m.sources.as_ref().is_none_or(Vec::is_empty) && m.username.is_none() && m.header.is_none() {
+            self.err(t.matcher.span(), format!("{key}.match"), "", "must give at least one of sources, username, header");
+        }
+        Some(Trunk {
+            name: t.name.get_ref().clone(),
+            account,
+            upstream: upstream?,
+            limit: limit?,
+            matcher,
+        })
+    }
+
+    fn proxy(&mut self, p: &raw::Proxy, upstreams: &[raw::Upstream]) -> Option<ProxySettings> {
+        let unknown_sources = match &p.unknown_sources {
+            None => UnknownSources::Reject,
+            Some(s) => match s.get_ref().as_str() {
+                "reject" => UnknownSources::Reject,
+                "forward" => UnknownSources::Forward,
+                _ => {
+                    self.err_at(s, "proxy.unknown_sources", "must be \"reject\" or \"forward\"");
+                    UnknownSources::Reject
+                }
+            },
+        };
+        let default_upstream = match &p.default_upstream {
+            None => None,
+            Some(d) => {
+                let idx = upstreams.iter().position(|u| u.name.get_ref() == d.get_ref());
+                if idx.is_none() {
+                    self.err_at(d, "proxy.default_upstream", "no [[upstream]] has this name");
+                }
+                idx
+            }
+        };
+        if unknown_sources == UnknownSources::Forward && p.default_upstream.is_none() {
+            let span = p.unknown_sources.as_ref().map_or(0..0, |s| s.span());
+            self.err(span, "proxy.default_upstream", "", "required when unknown_sources = \"forward\"");
+        }
+        let secret = match (&p.secret, &p.secret_env) {
+            (Some(s), None) => Some(s.get_ref().clone()),
+            (None, Some(var)) => match std::env::var(var.get_ref()) {
+                Ok(v) if !v.is_empty() => Some(v),
+                _ => {
+                    self.err_at(var, "proxy.secret_env", "environment variable is not set");
+                    None
+                }
+            },
+            (None, None) => None,
+            (Some(s), Some(_)) => {
+                self.err(s.span(), "proxy.secret", "(hidden)", "give secret or secret_env, not both");
+                None
+            }
+        };
+        if let Some(s) = &secret {
+            if s.len() < 16 {
+                let span = p.secret.as_ref().or(p.secret_env.as_ref()).map_or(0..0, |s| s.span());
+                self.err(span, "proxy.secret", "(hidden)", "must be at least 16 characters");
+            }
+        }
+        let max_message_size = self.size("proxy.max_message_size", p.max_message_size.as_ref(), DEFAULT_MAX_MESSAGE, 1024..=1 << 20);
+        let grace = self.size("proxy.shutdown_grace_secs", p.shutdown_grace_secs.as_ref(), 5, 0..=300);
+        Some(ProxySettings {
+            shutdown_grace: std::time::Duration::from_secs(grace as u64),
+            secret,
+            aliases: p.aliases.iter().map(|a| a.get_ref().to_ascii_lowercase()).collect(),
+            unknown_sources,
+            default_upstream,
+            record_route: p.record_route.unwrap_or(true),
+            max_message_size,
+        })
+    }
+}
+
+/// Split `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        let close = rest.find(']')?;
+        let host = &rest[..close];
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        let tail = &rest[close + 1..];
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0)?),
+            None if tail.is_empty() => None,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p.parse::<u16>().ok().filter(|&p| p != 0)?)),
+        None => (s, None),
+    };
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    valid.then(|| (host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[listen]]
+address = "127.0.0.1:5060"
+
+[[upstream]]
+name = "carrier"
+address = "127.0.0.1:5080"
+
+[[account]]
+name = "acme"
+rate = 20
+
+[[trunk]]
+name = "east"
+account = "acme"
+upstream = "carrier"
+rate = 10
+burst = 5
+match = { sources = ["10.0.0.0/8"] }
+"#;
+
+    #[test]
+    fn good_config_validates() {
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert_eq!(c.trunks[0].account, Some(0));
+        assert_eq!(c.trunks[0].limit, Limit { rate: 10.0, burst: 5 });
+        assert_eq!(c.accounts[0].limit.burst, 1);
+        assert_eq!(c.proxy.unknown_sources, UnknownSources::Reject);
+        assert!(c.listeners[0].udp && c.listeners[0].tcp);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_line_key_and_value() {
+        let bad = GOOD
+            .replace("rate = 10", "rate = -1")
+            .replace("account = \"acme\"", "account = \"nobody\"")
+            .replace("address = \"127.0.0.1:5080\"", "address = \"127.0.0.1:5080\"\nbogus = 1");
+        let e = Config::parse(&bad, "t").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("trunk[0].account = \"nobody\": no [[account]] has this name"), "{text}");
+        assert!(text.contains("upstream[0]"), "{text}");
+        assert!(text.contains("bogus"), "{text}");
+        let acct = e.errors.iter().find(|e| e.key == "trunk[0].account").unwrap();
+        assert_eq!(acct.line, 16);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let bad = GOOD.replace("burst = 5", "burst = 0").replace("10.0.0.0/8", "10.0.0.0/33");
+        let e = Config::parse(&bad, "t").unwrap_err();
+        let keys: Vec<_> = e.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["trunk[0].burst", "trunk[0].match.sources"]);
+    }
+
+    #[test]
+    fn unknown_section_and_syntax_errors() {
+        let e = Config::parse("[nope]\n", "t").unwrap_err();
+        assert_eq!(e.errors[0].key, "nope");
+        let e = Config::parse("[[listen]\n", "t").unwrap_err();
+        assert_eq!(e.errors[0].key, "(syntax)");
+        assert_eq!(e.errors[0].line, 1);
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("a.example:5080"), Some(("a.example".into(), Some(5080))));
+        assert_eq!(split_host_port("[::1]:5"), Some(("::1".into(), Some(5))));
+        assert_eq!(split_host_port("h"), Some(("h".into(), None)));
+        assert_eq!(split_host_port("h:0"), None);
+        assert_eq!(split_host_port("h h"), None);
+    }
+}

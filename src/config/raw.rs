@@ -1,0 +1,104 @@
+//! The TOML file as written: every struct denies unknown fields, and values that validation may
+//! refuse keep their span so the error names the line.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `[[listen]]`: one local address and the transports served on it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub name: Option<Spanned<String>>,
+    pub address: Spanned<String>,
+    pub transports: Option<Vec<Spanned<String>>>,
+    pub advertise: Option<Spanned<String>>,
+}
+
+/// `[proxy]`: proxy-wide behaviour.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proxy {
+    pub secret: Option<Spanned<String>>,
+    pub secret_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub aliases: Vec<Spanned<String>>,
+    pub unknown_sources: Option<Spanned<String>>,
+    pub default_upstream: Option<Spanned<String>>,
+    pub record_route: Option<bool>,
+    pub max_message_size: Option<Spanned<i64>>,
+    pub shutdown_grace_secs: Option<Spanned<i64>>,
+}
+
+/// `[udp]`: socket options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Udp {
+    pub recv_buffer: Option<Spanned<i64>>,
+    pub send_buffer: Option<Spanned<i64>>,
+}
+
+/// `[tcp]`: stream limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tcp {
+    pub idle_timeout_secs: Option<Spanned<i64>>,
+    pub connect_timeout_ms: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+}
+
+/// `[pbx]`: where requests from carriers go.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pbx {
+    pub address: Spanned<String>,
+    pub transport: Option<Spanned<String>>,
+}
+
+/// `[[upstream]]`: a carrier endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: Spanned<String>,
+    pub address: Spanned<String>,
+    pub transport: Option<Spanned<String>>,
+    pub sources: Option<Vec<Spanned<String>>>,
+}
+
+/// `[[account]]`: a parent account whose pool its trunks share.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    pub name: Spanned<String>,
+    pub rate: Spanned<f64>,
+    pub burst: Option<Spanned<i64>>,
+}
+
+/// `[trunk.match.header]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: Spanned<String>,
+    pub value: Spanned<String>,
+}
+
+/// `[trunk.match]`: every given criterion must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub sources: Option<Vec<Spanned<String>>>,
+    pub username: Option<Spanned<String>>,
+    pub header: Option<HeaderMatch>,
+}
+
+/// `[[trunk]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trunk {
+    pub name: Spanned<String>,
+    pub account: Option<Spanned<String>>,
+    pub upstream: Spanned<String>,
+    pub rate: Spanned<f64>,
+    pub burst: Option<Spanned<i64>>,
+    #[serde(rename = "match")]
+    pub matcher: Spanned<Match>,
+}

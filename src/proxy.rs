@@ -1,0 +1,928 @@
+//! The decision core: `Proxy::handle(now, inbound) -> Action`. It reads no clock and touches no
+//! socket; the transport shell carries out the action it returns. Every rule cites its RFC.
+//!
+//! Phases of one request: scan → validate (§16.3) → route preprocessing (§16.4) → choose the
+//! next hop (Route set, else by origin: PBX side → trunk upstream, carrier → PBX) → rewrite
+//! (§16.6: Max-Forwards, Record-Route, Via) → forward. Responses: check and pop our Via, send to
+//! the next one (§16.7, §18.2.2).
+
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use bytes::Bytes;
+use siphasher::sip::SipHasher13;
+
+use crate::config::{Config, Target, UnknownSources};
+use crate::routing::{Origin, Routes};
+use crate::sip::{
+    Edits, Element, HeaderName, Host, Message, Method, RequestView, ResponseSpec, Rport, Scheme,
+    Transport, Uri, Via, build_response, elements, remove_element,
+};
+
+/// RFC 3261 §8.1.1.7 magic cookie.
+const COOKIE: &str = "z9hG4bK";
+/// Our branches: cookie + this marker + 16 hex digits.
+const BRANCH_PREFIX: &str = "z9hG4bKcg";
+/// Our To-tags: this marker + 16 hex digits.
+const TAG_PREFIX: &str = "cg";
+/// RFC 3261 §16.6 step 3: the Max-Forwards a proxy adds when there is none.
+const DEFAULT_MAX_FORWARDS: u8 = 70;
+
+/// A connection of the TCP table.
+pub type ConnId = u64;
+
+/// One received message and where it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    /// The message bytes (a datagram, or one framed stream message).
+    pub data: &'a [u8],
+    /// The transport source address (never the Via sent-by, RFC 3261 §18.2.1).
+    pub source: SocketAddr,
+    /// The transport it came over.
+    pub transport: Transport,
+    /// Index of the listener (local address) it came in on.
+    pub listener: usize,
+    /// The TCP connection it came on.
+    pub conn: Option<ConnId>,
+}
+
+/// Where to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextHop {
+    /// A resolved address.
+    Addr(SocketAddr),
+    /// A host name the shell must resolve (A/AAAA) before sending.
+    Name {
+        /// Host name.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// Destination.
+    pub to: NextHop,
+    /// Transport.
+    pub transport: Transport,
+    /// Listener to send from (its UDP socket; for TCP, the local side of a new connection).
+    pub listener: usize,
+    /// Existing connection to prefer (TCP).
+    pub conn: Option<ConnId>,
+    /// The bytes.
+    pub data: Bytes,
+}
+
+/// What the shell must do with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Relay to the next hop.
+    Forward(Outbound),
+    /// Answer locally (the code is kept for counting).
+    Reply(u16, Outbound),
+    /// Swallowed on purpose: the ACK for one of our own final responses (RFC 3261 §8.2.7, §17.2.1).
+    Absorb,
+    /// Not processed; count it.
+    Drop(DropReason),
+}
+
+/// Why a message was dropped without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a SIP message at all.
+    NotSip,
+    /// A malformed request that cannot be answered (no usable Via, or an ACK).
+    Unanswerable,
+    /// A malformed response (never answered, RFC 3261 §16.7).
+    BadResponse,
+    /// A response whose top Via is not ours (RFC 3261 §16.11).
+    ForeignVia,
+    /// A response with no Via left after ours.
+    NoNextVia,
+    /// A destination that must never be sent to (port 0, unspecified, broadcast, multicast,
+    /// ourselves).
+    UnsafeDestination,
+    /// An unsupported transport in the next hop.
+    UnsupportedTransport,
+}
+
+impl DropReason {
+    /// Every reason, for metric registration.
+    pub const ALL: [DropReason; 7] = [
+        Self::NotSip,
+        Self::Unanswerable,
+        Self::BadResponse,
+        Self::ForeignVia,
+        Self::NoNextVia,
+        Self::UnsafeDestination,
+        Self::UnsupportedTransport,
+    ];
+
+    /// Stable label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotSip => "not_sip",
+            Self::Unanswerable => "unanswerable",
+            Self::BadResponse => "bad_response",
+            Self::ForeignVia => "foreign_via",
+            Self::NoNextVia => "no_next_via",
+            Self::UnsafeDestination => "unsafe_destination",
+            Self::UnsupportedTransport => "unsupported_transport",
+        }
+    }
+}
+
+/// One local address as the core sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalListener {
+    /// The bound socket address.
+    pub bound: SocketAddr,
+    /// Host written in Via/Record-Route (IPv6 in brackets).
+    pub host: String,
+    /// Port written in Via/Record-Route.
+    pub port: u16,
+    /// UDP served.
+    pub udp: bool,
+    /// TCP served.
+    pub tcp: bool,
+}
+
+impl LocalListener {
+    fn serves(&self, t: Transport) -> bool {
+        match t {
+            Transport::Udp => self.udp,
+            Transport::Tcp => self.tcp,
+            _ => false,
+        }
+    }
+}
+
+/// A configured destination resolved to an address, with its egress listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resolved {
+    addr: SocketAddr,
+    transport: Transport,
+    listener: usize,
+}
+
+/// Why the core cannot be built from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A configured host does not resolve.
+    #[error("{what}: cannot resolve {host}:{port}: {reason}")]
+    Resolve {
+        /// Which target.
+        what: String,
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Resolver message.
+        reason: String,
+    },
+    /// No listener can send to a configured target.
+    #[error("{what}: no [[listen]] serves {transport} for {addr}")]
+    NoListener {
+        /// Which target.
+        what: String,
+        /// Transport needed.
+        transport: &'static str,
+        /// Target address.
+        addr: SocketAddr,
+    },
+}
+
+/// The stateless proxy core. Immutable after construction; shared by every transport task.
+#[derive(Debug)]
+pub struct Proxy {
+    listeners: Vec<LocalListener>,
+    aliases: Vec<String>,
+    routes: Routes,
+    upstreams: Vec<Resolved>,
+    pbx: Option<Resolved>,
+    unknown_sources: UnknownSources,
+    default_upstream: Option<usize>,
+    record_route: bool,
+    keys: (u64, u64),
+}
+
+/// How a request is routed after route preprocessing.
+enum Hop {
+    /// A URI (remaining Route or the Request-URI); `egress` is a listener named by a second
+    /// Record-Route entry of ours (double record-routing).
+    Uri(Uri, Option<usize>),
+    /// A configured destination.
+    Target(Resolved),
+}
+
+/// A local answer short-circuiting the request.
+struct Refusal {
+    code: u16,
+    reason: &'static str,
+    extra: Option<(&'static str, String)>,
+}
+
+fn refuse(code: u16, reason: &'static str) -> Refusal {
+    Refusal {
+        code,
+        reason,
+        extra: None,
+    }
+}
+
+impl Proxy {
+    /// Build the core from a validated config and the bound listeners. Configured host names are
+    /// resolved here, once.
+    pub fn new(cfg: &Config, listeners: Vec<LocalListener>) -> Result<Self, BuildError> {
+        let resolve = |what: String, t: &Target| -> Result<Resolved, BuildError> {
+            let addr = resolve_target(t).map_err(|reason| BuildError::Resolve {
+                what: what.clone(),
+                host: t.host.clone(),
+                port: t.port,
+                reason,
+            })?;
+            let listener = listeners
+                .iter()
+                .position(|l| l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4())
+                .ok_or(BuildError::NoListener {
+                    what,
+                    transport: t.transport.as_via(),
+                    addr,
+                })?;
+            Ok(Resolved {
+                addr,
+                transport: t.transport,
+                listener,
+            })
+        };
+        let upstreams = cfg
+            .upstreams
+            .iter()
+            .map(|u| resolve(format!("upstream {}", u.name), &u.target))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pbx = cfg
+            .pbx
+            .as_ref()
+            .map(|p| resolve("pbx".to_owned(), p))
+            .transpose()?;
+        let keys = match &cfg.proxy.secret {
+            Some(s) => {
+                let mut h = SipHasher13::new_with_keys(0x6370_7367_6174_6501, 0x6b65_7973);
+                h.write(s.as_bytes());
+                let a = h.finish();
+                h.write_u8(1);
+                (a, h.finish())
+            }
+            None => {
+                let r = std::collections::hash_map::RandomState::new();
+                (r.hash_one(1u8), r.hash_one(2u8))
+            }
+        };
+        Ok(Self {
+            listeners,
+            aliases: cfg.proxy.aliases.clone(),
+            routes: Routes::new(cfg),
+            upstreams,
+            pbx,
+            unknown_sources: cfg.proxy.unknown_sources,
+            default_upstream: cfg.proxy.default_upstream,
+            record_route: cfg.proxy.record_route,
+            keys,
+        })
+    }
+
+    /// The local listeners.
+    pub fn listeners(&self) -> &[LocalListener] {
+        &self.listeners
+    }
+
+    /// Decide what to do with one message. `now` is the instant of arrival; admission control
+    /// reads it, nothing else does.
+    pub fn handle(&self, now: Instant, inb: &Inbound<'_>) -> Action {
+        let _ = now;
+        let msg = match Message::scan(inb.data) {
+            Ok(m) => m,
+            Err(_) => return Action::Drop(DropReason::NotSip),
+        };
+        if msg.is_response() {
+            self.route_response(&msg)
+        } else {
+            self.route_request(&msg, inb)
+        }
+    }
+
+    /// Answer a message the transport could not accept whole (oversize, unframeable) with
+    /// `code`, when it is a request with a usable Via; otherwise drop it.
+    pub fn refuse_raw(&self, inb: &Inbound<'_>, code: u16, reason: &str) -> Action {
+        let Ok(msg) = Message::scan(inb.data) else {
+            return Action::Drop(DropReason::NotSip);
+        };
+        if msg.is_response() || msg.method() == Some(b"ACK") {
+            return Action::Drop(DropReason::Unanswerable);
+        }
+        match top_via(&msg) {
+            Some(via) => self.reply_with(&msg, &via, inb, code, reason, None),
+            None => Action::Drop(DropReason::Unanswerable),
+        }
+    }
+
+    fn route_request(&self, msg: &Message<'_>, inb: &Inbound<'_>) -> Action {
+        let buf = msg.buf();
+        let is_ack = msg.method() == Some(b"ACK");
+        let req = match RequestView::parse(msg) {
+            Ok(r) => r,
+            Err(e) => {
+                // Answerable only when a top Via parses (RFC 3261 §8.2.6.2) and it is not an ACK
+                // (§17.2.1: ACK is never answered).
+                let Some(via) = top_via(msg) else {
+                    return Action::Drop(DropReason::Unanswerable);
+                };
+                if is_ack {
+                    return Action::Drop(DropReason::Unanswerable);
+                }
+                let reason = format!("Bad Request ({e})");
+                return self.reply_with(msg, &via, inb, 400, &reason, None);
+            }
+        };
+        let via_edits = received_edits(&req.top_via, inb.source);
+        match self.validate(msg, &req) {
+            Ok(()) => {}
+            Err(r) if req.method == Method::Ack => {
+                let _ = r;
+                return Action::Drop(DropReason::Unanswerable);
+            }
+            Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
+        }
+        // RFC 3261 §8.2.7/§17.2.1: the ACK for a final response we generated ends here. Our To-tag
+        // is a keyed hash of the transaction, so no state is needed to recognise it.
+        if req.method == Method::Ack
+            && req.to_tag(buf) == Some(self.to_tag(msg, &req).as_bytes())
+        {
+            return Action::Absorb;
+        }
+        let mut edits = via_edits.clone();
+        let hop = match self.next_hop(msg, &req, inb, &mut edits) {
+            Ok(h) => h,
+            Err(r) if req.method == Method::Ack => {
+                let _ = r;
+                return Action::Drop(DropReason::Unanswerable);
+            }
+            Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
+        };
+        let (to, transport, egress) = match hop {
+            Hop::Target(t) => (NextHop::Addr(t.addr), t.transport, t.listener),
+            Hop::Uri(uri, named_egress) => match self.uri_destination(buf, &uri, named_egress) {
+                Ok(d) => d,
+                Err(_) if req.method == Method::Ack => {
+                    return Action::Drop(DropReason::UnsupportedTransport);
+                }
+                Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
+            },
+        };
+        if let NextHop::Addr(a) = &to {
+            if !self.is_safe(*a) {
+                return Action::Drop(DropReason::UnsafeDestination);
+            }
+        }
+        self.rewrite_request(msg, &req, inb, &mut edits, transport, egress);
+        Action::Forward(Outbound {
+            to,
+            transport,
+            listener: egress,
+            conn: None,
+            data: edits.apply(buf, msg.body_range().end),
+        })
+    }
+
+    /// RFC 3261 §16.3 request validation (syntax was checked by the scanner and the view).
+    fn validate(&self, msg: &Message<'_>, req: &RequestView) -> Result<(), Refusal> {
+        let buf = msg.buf();
+        if let Some(d) = msg.defect() {
+            return Err(refuse(400, d.reason()));
+        }
+        // §16.3 step 1 via §8.2.2: only SIP/2.0 is served (RFC 4475 §3.1.2.16 badvers → 505).
+        if !msg.version().eq_ignore_ascii_case(b"SIP/2.0") {
+            return Err(refuse(505, "Version Not Supported"));
+        }
+        // §16.3 step 2: a URI scheme the proxy does not understand → 416.
+        let ruri_range = msg.request_uri_range().expect("requests have a Request-URI");
+        match Uri::parse(buf, ruri_range) {
+            None => return Err(refuse(400, "Bad Request (Malformed Request-URI)")),
+            Some(u) if u.scheme == Scheme::Other => {
+                return Err(refuse(416, "Unsupported URI Scheme"));
+            }
+            Some(u) if u.scheme == Scheme::Sips => {
+                // We do not serve TLS, so we cannot keep a sips request on a secure path (§26.2.2).
+                return Err(refuse(416, "Unsupported URI Scheme (sips needs TLS)"));
+            }
+            Some(_) => {}
+        }
+        // §16.3 step 3: Max-Forwards of zero → 483 Too Many Hops.
+        if req.max_forwards == Some(0) {
+            return Err(refuse(483, "Too Many Hops"));
+        }
+        // §16.3 step 6: we support no extensions, so any Proxy-Require option is refused with
+        // 420 and the options listed in Unsupported (§20.40).
+        if let Some(v) = msg.value(HeaderName::ProxyRequire) {
+            let list = String::from_utf8_lossy(crate::sip::scan::trim_lws(v)).into_owned();
+            return Err(Refusal {
+                code: 420,
+                reason: "Bad Extension",
+                extra: Some(("Unsupported", list)),
+            });
+        }
+        Ok(())
+    }
+
+    /// RFC 3261 §16.4 route preprocessing and next-hop choice.
+    fn next_hop(
+        &self,
+        msg: &Message<'_>,
+        req: &RequestView,
+        inb: &Inbound<'_>,
+        edits: &mut Edits,
+    ) -> Result<Hop, Refusal> {
+        let buf = msg.buf();
+        let mut routes: Vec<(Element, Option<Uri>)> = req
+            .routes
+            .iter()
+            .map(|e| {
+                let uri = crate::sip::NameAddr::parse(buf, e.value.clone())
+                    .ok()
+                    .and_then(|n| n.parse_uri(buf));
+                (e.clone(), uri)
+            })
+            .collect();
+        if routes.iter().any(|(_, u)| u.is_none()) {
+            return Err(refuse(400, "Bad Request (Malformed Route)"));
+        }
+        let mut routed_to_us = false;
+        let mut egress = None;
+        let ruri = Uri::parse(buf, msg.request_uri_range().expect("request")).expect("validated");
+        // §16.4: a strict router before us put our Record-Route URI in the Request-URI and the
+        // real target in the last Route; restore it and drop that Route.
+        if self.is_us(buf, &ruri).is_some() && !routes.is_empty() {
+            let (last, uri) = routes.pop().expect("non-empty");
+            let uri = uri.expect("checked above");
+            edits.replace(
+                msg.request_uri_range().expect("request"),
+                buf[uri.range.clone()].to_vec(),
+            );
+            remove_element(msg, &req.routes, req.routes.len() - 1, edits);
+            let _ = last;
+            routed_to_us = true;
+        }
+        // §16.4: remove a top Route that points at us; with double record-routing (one entry
+        // per interface or transport) the second one names the egress listener.
+        let mut popped = 0;
+        while popped < 2 && popped < routes.len() {
+            let uri = routes[popped].1.as_ref().expect("checked above");
+            match self.is_us(buf, uri) {
+                Some(l) => {
+                    remove_element(msg, &req.routes, popped, edits);
+                    if popped == 1 || egress.is_none() {
+                        egress = (popped == 1).then_some(l);
+                    }
+                    popped += 1;
+                    routed_to_us = true;
+                }
+                None => break,
+            }
+        }
+        if routed_to_us {
+            // In-dialog (or pre-routed) request: follow the Route set, else the Request-URI.
+            let next = routes
+                .get(popped)
+                .and_then(|(_, u)| u.clone())
+                .unwrap_or(ruri);
+            if self.is_us(buf, &next).is_some() {
+                return Err(refuse(482, "Loop Detected"));
+            }
+            return Ok(Hop::Uri(next, egress));
+        }
+        if let Some((_, Some(first))) = routes.first() {
+            // A pre-loaded Route set that does not start with us (§16.6 step 6 / §16.12): follow it.
+            return Ok(Hop::Uri(first.clone(), None));
+        }
+        // Addressed to us directly: route by origin (initial requests, CANCEL and non-2xx ACK of
+        // forwarded INVITEs land here, so they reach the same destination, §16.11).
+        match self.routes.classify(inb.source, msg, req) {
+            Origin::Carrier(_) => self
+                .pbx
+                .map(Hop::Target)
+                .ok_or(refuse(403, "Forbidden (No PBX Destination)")),
+            Origin::Trunk(t) => Ok(Hop::Target(
+                self.upstreams[self.routes.trunks()[t].upstream],
+            )),
+            Origin::Unknown => match (self.unknown_sources, self.default_upstream) {
+                (UnknownSources::Forward, Some(u)) => Ok(Hop::Target(self.upstreams[u])),
+                _ => Err(refuse(403, "Forbidden")),
+            },
+        }
+    }
+
+    /// Resolve a URI next hop: address, transport and egress listener (RFC 3263 without DNS
+    /// SRV: the URI's host, port and `transport` parameter).
+    fn uri_destination(
+        &self,
+        buf: &[u8],
+        uri: &Uri,
+        named_egress: Option<usize>,
+    ) -> Result<(NextHop, Transport, usize), Refusal> {
+        if uri.scheme == Scheme::Sips {
+            return Err(refuse(416, "Unsupported URI Scheme (sips needs TLS)"));
+        }
+        let transport = uri.transport(buf).unwrap_or(Transport::Udp);
+        if !matches!(transport, Transport::Udp | Transport::Tcp) {
+            return Err(refuse(502, "Bad Gateway (Unsupported Transport)"));
+        }
+        let port = uri.port.unwrap_or(5060);
+        let (to, v4) = match (&uri.host, &uri.host_range) {
+            (Some(Host::Ip(ip)), _) => (NextHop::Addr(SocketAddr::new(*ip, port)), ip.is_ipv4()),
+            (Some(Host::Name(r)), _) => (
+                NextHop::Name {
+                    host: String::from_utf8_lossy(&buf[r.clone()]).into_owned(),
+                    port,
+                },
+                true,
+            ),
+            _ => return Err(refuse(416, "Unsupported URI Scheme")),
+        };
+        let fits = |i: usize| {
+            let l = &self.listeners[i];
+            l.serves(transport) && l.bound.is_ipv4() == v4
+        };
+        let egress = named_egress
+            .filter(|&i| fits(i))
+            .or_else(|| (0..self.listeners.len()).find(|&i| fits(i)))
+            .ok_or(refuse(503, "Service Unavailable (No Listener For Next Hop)"))?;
+        Ok((to, transport, egress))
+    }
+
+    /// RFC 3261 §16.6 steps 3, 4, 8 and 9: Max-Forwards, Record-Route, Via, Content-Length.
+    fn rewrite_request(
+        &self,
+        msg: &Message<'_>,
+        req: &RequestView,
+        inb: &Inbound<'_>,
+        edits: &mut Edits,
+        out_transport: Transport,
+        egress: usize,
+    ) {
+        let buf = msg.buf();
+        // Step 3: decrement, or add 70 when absent.
+        match msg.first(HeaderName::MaxForwards) {
+            Some(h) => {
+                let mf = req.max_forwards.unwrap_or(DEFAULT_MAX_FORWARDS);
+                edits.replace(h.value.clone(), (mf - 1).to_string());
+            }
+            None => edits.insert(
+                msg.headers_end(),
+                format!("Max-Forwards: {DEFAULT_MAX_FORWARDS}\r\n"),
+            ),
+        }
+        // Step 4: Record-Route with ;lr on dialog-creating requests, before existing entries;
+        // two entries when the interface or transport changes (egress first, as the callee
+        // reads the list top-down).
+        if self.record_route && req.method.creates_dialog() && req.to_tag(buf).is_none() {
+            let pos = msg
+                .first(HeaderName::RecordRoute)
+                .map_or(msg.headers_end(), |h| h.line.start);
+            let mut rr = String::with_capacity(128);
+            self.push_record_route(&mut rr, egress, out_transport);
+            if egress != inb.listener || out_transport != inb.transport {
+                self.push_record_route(&mut rr, inb.listener, inb.transport);
+            }
+            edits.insert(pos, rr);
+        }
+        // Step 8: our Via on top, with a branch derived from the received one (§16.11) and the
+        // ingress listener and connection so the response finds its way back.
+        let first_via = &msg.headers()[req.via_elements[0].header];
+        let l = &self.listeners[egress];
+        let mut via = String::with_capacity(96);
+        let _ = write!(
+            via,
+            "Via: SIP/2.0/{} {}:{};branch={}",
+            out_transport.as_via(),
+            l.host,
+            l.port,
+            self.branch(msg, req)
+        );
+        if let Some(c) = inb.conn {
+            let _ = write!(via, ";i={c:x}");
+        }
+        let _ = write!(via, ";ln={}\r\n", inb.listener);
+        edits.insert(first_via.line.start, via);
+        // Step 9: a stream needs Content-Length.
+        if out_transport == Transport::Tcp && msg.first(HeaderName::ContentLength).is_none() {
+            edits.insert(
+                msg.headers_end(),
+                format!("Content-Length: {}\r\n", msg.body_range().len()),
+            );
+        }
+    }
+
+    fn push_record_route(&self, out: &mut String, listener: usize, t: Transport) {
+        let l = &self.listeners[listener];
+        let _ = write!(out, "Record-Route: <sip:{}:{}", l.host, l.port);
+        if t == Transport::Tcp {
+            out.push_str(";transport=tcp");
+        }
+        out.push_str(";lr>\r\n");
+    }
+
+    /// RFC 3261 §16.7 / §16.11 response handling.
+    fn route_response(&self, msg: &Message<'_>) -> Action {
+        let buf = msg.buf();
+        if msg.defect().is_some() {
+            return Action::Drop(DropReason::BadResponse);
+        }
+        let vias = elements(msg, HeaderName::Via);
+        let Some(top) = vias.first().and_then(|e| Via::parse(buf, e.value.clone()).ok()) else {
+            return Action::Drop(DropReason::BadResponse);
+        };
+        if !self.is_our_via(buf, &top) {
+            return Action::Drop(DropReason::ForeignVia);
+        }
+        let Some(next) = vias.get(1) else {
+            return Action::Drop(DropReason::NoNextVia);
+        };
+        let Ok(next) = Via::parse(buf, next.value.clone()) else {
+            return Action::Drop(DropReason::BadResponse);
+        };
+        let listener = top
+            .param(buf, b"ln")
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
+            .filter(|&l| l < self.listeners.len());
+        let Some(listener) = listener else {
+            return Action::Drop(DropReason::ForeignVia);
+        };
+        let conn = top
+            .param(buf, b"i")
+            .and_then(|v| u64::from_str_radix(std::str::from_utf8(v).ok()?, 16).ok());
+        let Some((to, transport)) = via_destination(buf, &next) else {
+            return Action::Drop(DropReason::UnsupportedTransport);
+        };
+        if let NextHop::Addr(a) = &to {
+            if !self.is_safe(*a) {
+                return Action::Drop(DropReason::UnsafeDestination);
+            }
+        }
+        let mut edits = Edits::new();
+        remove_element(msg, &vias, 0, &mut edits);
+        Action::Forward(Outbound {
+            to,
+            transport,
+            listener,
+            conn: conn.filter(|_| transport == Transport::Tcp),
+            data: edits.apply(buf, msg.body_range().end),
+        })
+    }
+
+    fn is_our_via(&self, buf: &[u8], via: &Via) -> bool {
+        let branch_ok = via
+            .branch(buf)
+            .is_some_and(|b| b.starts_with(BRANCH_PREFIX.as_bytes()));
+        branch_ok && self.is_local_hostport(buf, &via.host, via.port.unwrap_or(5060))
+    }
+
+    /// The listener a URI points at, if it is one of ours (by advertised or bound address, or an
+    /// alias with a matching port).
+    fn is_us(&self, buf: &[u8], uri: &Uri) -> Option<usize> {
+        let host = uri.host.as_ref()?;
+        let default = if uri.scheme == Scheme::Sips { 5061 } else { 5060 };
+        self.local_listener(buf, host, uri.port.unwrap_or(default))
+    }
+
+    fn is_local_hostport(&self, buf: &[u8], host: &Host, port: u16) -> bool {
+        self.local_listener(buf, host, port).is_some()
+    }
+
+    fn local_listener(&self, buf: &[u8], host: &Host, port: u16) -> Option<usize> {
+        self.listeners.iter().position(|l| {
+            let host_ok = match host {
+                Host::Ip(ip) => {
+                    l.bound.ip() == *ip
+                        || l.host.trim_start_matches('[').trim_end_matches(']')
+                            == ip.to_string()
+                }
+                Host::Name(r) => {
+                    let name = &buf[r.clone()];
+                    name.eq_ignore_ascii_case(l.host.as_bytes())
+                        || self
+                            .aliases
+                            .iter()
+                            .any(|a| name.eq_ignore_ascii_case(a.as_bytes()))
+                }
+            };
+            host_ok && (port == l.port || port == l.bound.port())
+        })
+    }
+
+    /// Never send to port 0, an unspecified, broadcast or multicast address, or ourselves.
+    fn is_safe(&self, a: SocketAddr) -> bool {
+        let ip = a.ip();
+        let bad_ip = ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        !(a.port() == 0 || bad_ip || self.listeners.iter().any(|l| l.bound == a))
+    }
+
+    /// A keyed hash of the fields that stay the same across retransmissions of one request and
+    /// the CANCEL and non-2xx ACK that belong to it (RFC 3261 §16.11; Kamailio excludes the
+    /// To-tag for INVITE/ACK/CANCEL for the same reason).
+    fn transaction_hash(&self, label: u8, msg: &Message<'_>, req: &RequestView) -> u64 {
+        let buf = msg.buf();
+        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write_u8(label);
+        let via = &req.top_via;
+        match via.branch(buf).filter(|b| b.starts_with(COOKIE.as_bytes())) {
+            Some(b) => {
+                h.write(b);
+                h.write(&buf[via.host_range.clone()]);
+                h.write_u16(via.port.unwrap_or(0));
+            }
+            None => {
+                // RFC 2543 peer: hash the top Via, From-tag, Call-ID, CSeq number and R-URI.
+                h.write(&buf[via.range.clone()]);
+                h.write(req.from_tag(buf).unwrap_or_default());
+                h.write(req.call_id(buf));
+                h.write_u32(req.cseq.as_ref().map_or(0, |c| c.0));
+                h.write(msg.request_uri().unwrap_or_default());
+                if !matches!(req.method, Method::Invite | Method::Ack | Method::Cancel) {
+                    h.write(req.to_tag(buf).unwrap_or_default());
+                }
+            }
+        }
+        h.finish()
+    }
+
+    /// The branch of our Via for this request.
+    pub fn branch(&self, msg: &Message<'_>, req: &RequestView) -> String {
+        format!(
+            "{BRANCH_PREFIX}{:016x}",
+            self.transaction_hash(b'b', msg, req)
+        )
+    }
+
+    /// The To-tag of our own responses to this request (RFC 3261 §8.2.7: the same request
+    /// always gets the same tag).
+    pub fn to_tag(&self, msg: &Message<'_>, req: &RequestView) -> String {
+        let mut h = self.transaction_hash(b't', msg, req);
+        h ^= {
+            let mut c = SipHasher13::new_with_keys(self.keys.1, self.keys.0);
+            c.write(req.call_id(msg.buf()));
+            c.finish()
+        };
+        format!("{TAG_PREFIX}{h:016x}")
+    }
+
+    fn reply(
+        &self,
+        msg: &Message<'_>,
+        req: &RequestView,
+        via_edits: &Edits,
+        inb: &Inbound<'_>,
+        r: Refusal,
+    ) -> Action {
+        let tag = self.to_tag(msg, req);
+        let extra: Vec<(&str, &str)> = r
+            .extra
+            .as_ref()
+            .map(|(n, v)| (*n, v.as_str()))
+            .into_iter()
+            .collect();
+        let data = build_response(
+            msg,
+            via_edits,
+            &ResponseSpec {
+                code: r.code,
+                reason: r.reason,
+                to_tag: &tag,
+                extra: &extra,
+            },
+        );
+        Action::Reply(r.code, self.reply_outbound(&req.top_via, msg.buf(), inb, data))
+    }
+
+    /// Answer a request whose headers did not validate, from what can be read of it.
+    fn reply_with(
+        &self,
+        msg: &Message<'_>,
+        via: &Via,
+        inb: &Inbound<'_>,
+        code: u16,
+        reason: &str,
+        extra: Option<(&str, &str)>,
+    ) -> Action {
+        let buf = msg.buf();
+        let edits = received_edits(via, inb.source);
+        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write(&buf[via.range.clone()]);
+        let tag = format!("{TAG_PREFIX}{:016x}", h.finish());
+        let extra: Vec<(&str, &str)> = extra.into_iter().collect();
+        let data = build_response(
+            msg,
+            &edits,
+            &ResponseSpec {
+                code,
+                reason,
+                to_tag: &tag,
+                extra: &extra,
+            },
+        );
+        Action::Reply(code, self.reply_outbound(via, buf, inb, data))
+    }
+
+    /// RFC 3261 §18.2.2 with RFC 3581 §4: over a stream, the same connection; over UDP, the
+    /// source address with `rport`, else the sent-by port at the source IP (which is what
+    /// `received` holds).
+    fn reply_outbound(&self, via: &Via, buf: &[u8], inb: &Inbound<'_>, data: Bytes) -> Outbound {
+        let _ = buf;
+        let port = match (&via.rport, inb.transport) {
+            (_, Transport::Tcp) => inb.source.port(),
+            (Rport::Requested(_), _) => inb.source.port(),
+            _ => via.port.unwrap_or(5060),
+        };
+        Outbound {
+            to: NextHop::Addr(SocketAddr::new(inb.source.ip(), port)),
+            transport: inb.transport,
+            listener: inb.listener,
+            conn: inb.conn,
+            data,
+        }
+    }
+}
+
+/// The top Via of a message, if it parses.
+fn top_via(msg: &Message<'_>) -> Option<Via> {
+    let e = elements(msg, HeaderName::Via).into_iter().next()?;
+    Via::parse(msg.buf(), e.value).ok()
+}
+
+/// RFC 3261 §18.2.1 and RFC 3581 §4: add `received` when the sent-by host is not the source IP
+/// (always when `rport` is present) and fill an empty `rport` with the source port.
+fn received_edits(via: &Via, src: SocketAddr) -> Edits {
+    let mut e = Edits::new();
+    let ip = canonical_ip(src.ip());
+    let sent_by_is_src = matches!(via.host, Host::Ip(h) if canonical_ip(h) == ip);
+    let rport = !matches!(via.rport, Rport::Absent);
+    if let Rport::Requested(r) = &via.rport {
+        e.replace(r.clone(), format!("rport={}", src.port()));
+    }
+    if !sent_by_is_src || rport {
+        match &via.received {
+            Some(r) => e.replace(r.clone(), ip.to_string()),
+            None => e.insert(via.range.end, format!(";received={ip}")),
+        }
+    }
+    e
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// RFC 3261 §18.2.2 / RFC 3581 §4: where a response goes, from the Via below ours.
+fn via_destination(buf: &[u8], via: &Via) -> Option<(NextHop, Transport)> {
+    if !matches!(via.transport, Transport::Udp | Transport::Tcp) {
+        return None;
+    }
+    let received = via
+        .received
+        .clone()
+        .and_then(|r| std::str::from_utf8(&buf[r]).ok()?.parse::<IpAddr>().ok());
+    let port = match (&via.rport, via.transport) {
+        (Rport::Port(p), Transport::Udp) => *p,
+        _ => via.port.unwrap_or(5060),
+    };
+    let to = match (received, &via.host) {
+        (Some(ip), _) => NextHop::Addr(SocketAddr::new(ip, port)),
+        (None, Host::Ip(ip)) => NextHop::Addr(SocketAddr::new(*ip, port)),
+        (None, Host::Name(r)) => NextHop::Name {
+            host: String::from_utf8_lossy(&buf[r.clone()]).into_owned(),
+            port,
+        },
+    };
+    Some((to, via.transport))
+}
+
+/// Resolve a configured target once (IP literals need no lookup).
+fn resolve_target(t: &Target) -> Result<SocketAddr, String> {
+    if let Ok(ip) = t.host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, t.port));
+    }
+    use std::net::ToSocketAddrs;
+    (t.host.as_str(), t.port)
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| "no address".to_owned())
+}

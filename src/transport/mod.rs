@@ -1,0 +1,374 @@
+//! The async shell around the core: UDP receive loops, TCP accept and connection tasks, the
+//! connection table, and sending what the core decided. It never decides policy.
+
+pub mod framing;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::TcpSettings;
+use crate::proxy::{Action, ConnId, Inbound, NextHop, Outbound, Proxy};
+use crate::sip::Transport;
+use crate::telemetry::{Stats, TransportDrop};
+use framing::{Frame, next_frame};
+
+/// Messages queued for one TCP peer before further ones are dropped.
+const CONN_QUEUE: usize = 256;
+/// Name lookups under way at once.
+const MAX_LOOKUPS: usize = 64;
+/// Largest UDP datagram we read.
+const UDP_BUF: usize = 65_535;
+
+struct ConnHandle {
+    tx: mpsc::Sender<Bytes>,
+    peer: SocketAddr,
+}
+
+/// Open TCP connections, by id and by peer address (for reuse).
+#[derive(Default)]
+struct ConnTable {
+    next: AtomicU64,
+    by_id: DashMap<ConnId, ConnHandle>,
+    by_peer: DashMap<SocketAddr, ConnId>,
+}
+
+impl ConnTable {
+    fn insert(&self, peer: SocketAddr, tx: mpsc::Sender<Bytes>) -> ConnId {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.by_id.insert(id, ConnHandle { tx, peer });
+        self.by_peer.insert(peer, id);
+        id
+    }
+
+    fn remove(&self, id: ConnId) {
+        if let Some((_, h)) = self.by_id.remove(&id) {
+            self.by_peer.remove_if(&h.peer, |_, v| *v == id);
+        }
+    }
+
+    fn sender(&self, id: ConnId) -> Option<mpsc::Sender<Bytes>> {
+        self.by_id.get(&id).map(|h| h.tx.clone())
+    }
+
+    fn sender_to(&self, peer: SocketAddr) -> Option<mpsc::Sender<Bytes>> {
+        let id = *self.by_peer.get(&peer)?;
+        self.sender(id)
+    }
+}
+
+/// Everything the transport tasks share.
+pub struct Shell {
+    proxy: Arc<Proxy>,
+    stats: Arc<Stats>,
+    udp: Vec<Option<Arc<UdpSocket>>>,
+    conns: ConnTable,
+    tcp: TcpSettings,
+    max_message: usize,
+    conn_slots: Arc<Semaphore>,
+    lookups: Arc<Semaphore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Shell {
+    /// Build the shell. `udp[i]` is listener `i`'s UDP socket, if it serves UDP.
+    pub fn new(
+        proxy: Arc<Proxy>,
+        stats: Arc<Stats>,
+        udp: Vec<Option<Arc<UdpSocket>>>,
+        tcp: TcpSettings,
+        max_message: usize,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            proxy,
+            stats,
+            udp,
+            conns: ConnTable::default(),
+            conn_slots: Arc::new(Semaphore::new(tcp.max_connections)),
+            tcp,
+            max_message,
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+            cancel,
+            tracker,
+        })
+    }
+
+    /// Number of open TCP connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.by_id.len()
+    }
+
+    /// Receive datagrams on listener `listener` until cancelled.
+    pub async fn run_udp(self: Arc<Self>, listener: usize, sock: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; UDP_BUF];
+        loop {
+            let (n, src) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // ICMP errors from earlier sends surface here on Linux; keep serving.
+                        tracing::debug!(error = %e, "udp receive error");
+                        continue;
+                    }
+                },
+            };
+            let inb = Inbound {
+                data: &buf[..n],
+                source: src,
+                transport: Transport::Udp,
+                listener,
+                conn: None,
+            };
+            let action = if n > self.max_message {
+                self.stats.transport_drop(TransportDrop::Oversize, src);
+                self.proxy.refuse_raw(&inb, 513, "Message Too Large")
+            } else {
+                self.proxy.handle(Instant::now(), &inb)
+            };
+            self.stats.record(&action, src);
+            self.execute(action).await;
+        }
+    }
+
+    /// Accept TCP connections on listener `listener` until cancelled.
+    pub async fn run_tcp(self: Arc<Self>, listener: usize, sock: TcpListener) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = sock.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tcp accept error");
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.conn_slots.clone().try_acquire_owned() else {
+                self.stats.transport_drop(TransportDrop::Capacity, peer);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (tx, rx) = mpsc::channel(CONN_QUEUE);
+            let id = self.conns.insert(peer, tx);
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let shell = self.clone();
+            self.tracker.spawn(async move {
+                shell.serve_conn(stream, id, peer, listener, rx).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Carry out one decision of the core.
+    pub async fn execute(self: &Arc<Self>, action: Action) {
+        match action {
+            Action::Forward(out) | Action::Reply(_, out) => self.send(out).await,
+            Action::Absorb | Action::Drop(_) => {}
+        }
+    }
+
+    async fn send(self: &Arc<Self>, out: Outbound) {
+        let addr = match &out.to {
+            NextHop::Addr(a) => *a,
+            NextHop::Name { host, port } => {
+                self.spawn_lookup(host.clone(), *port, out);
+                return;
+            }
+        };
+        self.send_to(addr, out).await;
+    }
+
+    async fn send_to(self: &Arc<Self>, addr: SocketAddr, out: Outbound) {
+        match out.transport {
+            Transport::Udp => {
+                let Some(sock) = self.udp.get(out.listener).and_then(Option::as_ref) else {
+                    self.stats.transport_drop(TransportDrop::SendFailed, addr);
+                    return;
+                };
+                if let Err(e) = sock.send_to(&out.data, addr).await {
+                    tracing::debug!(error = %e, %addr, "udp send failed");
+                    self.stats.transport_drop(TransportDrop::SendFailed, addr);
+                }
+            }
+            Transport::Tcp => {
+                let tx = out
+                    .conn
+                    .and_then(|c| self.conns.sender(c))
+                    .or_else(|| self.conns.sender_to(addr));
+                let tx = match tx {
+                    Some(tx) => tx,
+                    None => match self.connect(addr, out.listener) {
+                        Some(tx) => tx,
+                        None => return,
+                    },
+                };
+                if tx.try_send(out.data).is_err() {
+                    self.stats.transport_drop(TransportDrop::QueueFull, addr);
+                }
+            }
+            _ => self
+                .stats
+                .transport_drop(TransportDrop::SendFailed, addr),
+        }
+    }
+
+    fn spawn_lookup(self: &Arc<Self>, host: String, port: u16, out: Outbound) {
+        let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
+            self.stats
+                .transport_drop(TransportDrop::Capacity, ([0, 0, 0, 0], port).into());
+            return;
+        };
+        let shell = self.clone();
+        self.tracker.spawn(async move {
+            let found = tokio::time::timeout(
+                shell.tcp.connect_timeout,
+                tokio::net::lookup_host((host.as_str(), port)),
+            )
+            .await;
+            drop(permit);
+            match found {
+                Ok(Ok(mut addrs)) => match addrs.next() {
+                    Some(addr) => shell.send_to(addr, out).await,
+                    None => shell
+                        .stats
+                        .transport_drop(TransportDrop::ResolveFailed, ([0, 0, 0, 0], port).into()),
+                },
+                _ => {
+                    tracing::debug!(%host, port, "next hop did not resolve");
+                    shell
+                        .stats
+                        .transport_drop(TransportDrop::ResolveFailed, ([0, 0, 0, 0], port).into());
+                }
+            }
+        });
+    }
+
+    /// Open an outbound connection; messages queue in its channel while it connects.
+    fn connect(self: &Arc<Self>, peer: SocketAddr, listener: usize) -> Option<mpsc::Sender<Bytes>> {
+        let Ok(permit) = self.conn_slots.clone().try_acquire_owned() else {
+            self.stats.transport_drop(TransportDrop::Capacity, peer);
+            return None;
+        };
+        let (tx, rx) = mpsc::channel(CONN_QUEUE);
+        let id = self.conns.insert(peer, tx.clone());
+        let shell = self.clone();
+        self.tracker.spawn(async move {
+            let stream =
+                tokio::time::timeout(shell.tcp.connect_timeout, TcpStream::connect(peer)).await;
+            match stream {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    shell.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, id, "tcp connected");
+                    shell.serve_conn(s, id, peer, listener, rx).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "tcp connect failed");
+                    shell.conns.remove(id);
+                    shell.stats.transport_drop(TransportDrop::ConnectFailed, peer);
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "tcp connect timed out");
+                    shell.conns.remove(id);
+                    shell.stats.transport_drop(TransportDrop::ConnectFailed, peer);
+                }
+            }
+            drop(permit);
+        });
+        Some(tx)
+    }
+
+    /// Read, frame and handle messages of one connection; a writer task drains its queue. The
+    /// connection ends on idle timeout, peer close, a framing error, or shutdown.
+    async fn serve_conn(
+        self: Arc<Self>,
+        stream: TcpStream,
+        id: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        mut rx: mpsc::Receiver<Bytes>,
+    ) {
+        let (mut rd, mut wr) = stream.into_split();
+        let writer = self.tracker.spawn(async move {
+            while let Some(b) = rx.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        let mut buf = BytesMut::with_capacity(4096);
+        'conn: loop {
+            loop {
+                match next_frame(&mut buf, self.max_message) {
+                    Ok(Some(Frame::Message(m))) => {
+                        let inb = Inbound {
+                            data: &m,
+                            source: peer,
+                            transport: Transport::Tcp,
+                            listener,
+                            conn: Some(id),
+                        };
+                        let action = self.proxy.handle(Instant::now(), &inb);
+                        self.stats.record(&action, peer);
+                        self.execute(action).await;
+                    }
+                    Ok(Some(Frame::Ping)) => {
+                        self.stats.pings.fetch_add(1, Ordering::Relaxed);
+                        if let Some(tx) = self.conns.sender(id) {
+                            let _ = tx.try_send(Bytes::from_static(b"\r\n"));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let kind = if e.code == 413 {
+                            TransportDrop::Oversize
+                        } else {
+                            TransportDrop::BadFraming
+                        };
+                        self.stats.transport_drop(kind, peer);
+                        let inb = Inbound {
+                            data: &e.head,
+                            source: peer,
+                            transport: Transport::Tcp,
+                            listener,
+                            conn: Some(id),
+                        };
+                        let action = self.proxy.refuse_raw(&inb, e.code, e.reason);
+                        self.stats.record(&action, peer);
+                        self.execute(action).await;
+                        break 'conn;
+                    }
+                }
+            }
+            let read = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                r = tokio::time::timeout(self.tcp.idle_timeout, rd.read_buf(&mut buf)) => r,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    tracing::debug!(%peer, id, "tcp idle timeout");
+                    break;
+                }
+            }
+        }
+        // Dropping the table's sender lets the writer flush what is queued, then close.
+        self.conns.remove(id);
+        let _ = writer.await;
+    }
+}
