@@ -112,6 +112,8 @@ pub struct Target {
     pub port: u16,
     /// Transport to use.
     pub transport: Transport,
+    /// Listener (index) to send from; the first one that fits when not given.
+    pub listener: Option<usize>,
 }
 
 /// `[[upstream]]`.
@@ -360,7 +362,7 @@ impl<'t> Validator<'t> {
             .upstream
             .iter()
             .enumerate()
-            .filter_map(|(i, u)| self.upstream(i, u))
+            .filter_map(|(i, u)| self.upstream(i, u, &listeners))
             .collect();
         self.unique("upstream", doc.upstream.iter().map(|u| &u.name));
         let accounts: Vec<Account> = doc
@@ -403,7 +405,9 @@ impl<'t> Validator<'t> {
             ) as u64),
             max_connections: self.size("tcp.max_connections", doc.tcp.max_connections.as_ref(), 1024, 1..=1_000_000),
         };
-        let pbx = doc.pbx.as_ref().and_then(|p| self.target("pbx", &p.address, p.transport.as_ref()));
+        let pbx = doc.pbx.as_ref().and_then(|p| {
+            self.target("pbx", &p.address, p.transport.as_ref(), p.listener.as_ref(), &listeners)
+        });
         if !self.errors.is_empty() {
             return None;
         }
@@ -511,7 +515,24 @@ impl<'t> Validator<'t> {
         out
     }
 
-    fn target(&mut self, key: &str, address: &Spanned<String>, transport: Option<&Spanned<String>>) -> Option<Target> {
+    fn target(
+        &mut self,
+        key: &str,
+        address: &Spanned<String>,
+        transport: Option<&Spanned<String>>,
+        listener: Option<&Spanned<String>>,
+        listeners: &[Listener],
+    ) -> Option<Target> {
+        let listener = match listener {
+            None => None,
+            Some(name) => match listeners.iter().position(|l| &l.name == name.get_ref()) {
+                Some(i) => Some(i),
+                None => {
+                    self.err_at(name, format!("{key}.listener"), "no [[listen]] has this name");
+                    return None;
+                }
+            },
+        };
         let t = match transport {
             None => Transport::Udp,
             Some(t) => match t.get_ref().to_ascii_lowercase().as_str() {
@@ -528,6 +549,7 @@ impl<'t> Validator<'t> {
                 host,
                 port: port.unwrap_or(5060),
                 transport: t,
+                listener,
             }),
             None => {
                 self.err_at(address, format!("{key}.address"), "must be host:port, e.g. \"sip.carrier.example:5060\" or \"[2001:db8::1]:5060\"");
@@ -548,9 +570,9 @@ impl<'t> Validator<'t> {
             .collect()
     }
 
-    fn upstream(&mut self, i: usize, u: &raw::Upstream) -> Option<Upstream> {
+    fn upstream(&mut self, i: usize, u: &raw::Upstream, listeners: &[Listener]) -> Option<Upstream> {
         let key = format!("upstream[{i}]");
-        let target = self.target(&key, &u.address, u.transport.as_ref())?;
+        let target = self.target(&key, &u.address, u.transport.as_ref(), u.listener.as_ref(), listeners)?;
         let sources = match &u.sources {
             Some(list) => self.cidrs(&format!("{key}.sources"), list),
             None => target.host.parse::<std::net::IpAddr>().map(Cidr::host).into_iter().collect(),

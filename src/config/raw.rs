@@ -52,6 +52,7 @@ pub struct Tcp {
 pub struct Pbx {
     pub address: Spanned<String>,
     pub transport: Option<Spanned<String>>,
+    pub listener: Option<Spanned<String>>,
 }
 
 /// `[[upstream]]`: a carrier endpoint.
@@ -61,6 +62,7 @@ pub struct Upstream {
     pub name: Spanned<String>,
     pub address: Spanned<String>,
     pub transport: Option<Spanned<String>>,
+    pub listener: Option<Spanned<String>>,
     pub sources: Option<Vec<Spanned<String>>>,
 }
 

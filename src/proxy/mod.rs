@@ -245,10 +245,12 @@ impl Proxy {
                 port: t.port,
                 reason,
             })?;
-            let listener = listeners
-                .iter()
-                .position(|l| l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4())
-                .ok_or(BuildError::NoListener {
+            let fits = |l: &LocalListener| l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4();
+            let listener = match t.listener {
+                Some(i) => Some(i).filter(|&i| listeners.get(i).is_some_and(fits)),
+                None => listeners.iter().position(fits),
+            }
+            .ok_or(BuildError::NoListener {
                     what,
                     transport: t.transport.as_via(),
                     addr,
@@ -462,18 +464,19 @@ impl Proxy {
         }
         let mut routed_to_us = false;
         let mut egress = None;
-        let ruri = Uri::parse(buf, msg.request_uri_range().expect("request")).expect("validated");
+        let mut ruri =
+            Uri::parse(buf, msg.request_uri_range().expect("request")).expect("validated");
         // §16.4: a strict router before us put our Record-Route URI in the Request-URI and the
         // real target in the last Route; restore it and drop that Route.
         if self.is_us(buf, &ruri).is_some() && !routes.is_empty() {
-            let (last, uri) = routes.pop().expect("non-empty");
+            let (_, uri) = routes.pop().expect("non-empty");
             let uri = uri.expect("checked above");
             edits.replace(
                 msg.request_uri_range().expect("request"),
                 buf[uri.range.clone()].to_vec(),
             );
             remove_element(msg, &req.routes, req.routes.len() - 1, edits);
-            let _ = last;
+            ruri = uri;
             routed_to_us = true;
         }
         // §16.4: remove a top Route that points at us; with double record-routing (one entry
@@ -926,3 +929,6 @@ fn resolve_target(t: &Target) -> Result<SocketAddr, String> {
         .next()
         .ok_or_else(|| "no address".to_owned())
 }
+
+#[cfg(test)]
+mod tests;

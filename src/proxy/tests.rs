@@ -1,0 +1,443 @@
+//! Decision-core tests: hand-built messages, a fixed `now`, no sockets.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::*;
+use crate::config::Config;
+
+const CFG: &str = r#"
+[[listen]]
+address = "127.0.0.1:5060"
+
+[[listen]]
+name = "outside"
+address = "192.0.2.10:5060"
+transports = ["udp"]
+
+[proxy]
+unknown_sources = "reject"
+aliases = ["sbc.example.com"]
+secret = "0123456789abcdef-test"
+
+[pbx]
+address = "127.0.0.1:5070"
+
+[[upstream]]
+name = "carrier"
+address = "192.0.2.80:5060"
+listener = "outside"
+
+[[upstream]]
+name = "tcp-carrier"
+address = "127.0.0.1:5090"
+transport = "tcp"
+
+[[trunk]]
+name = "by-source"
+upstream = "carrier"
+rate = 10
+match = { sources = ["10.0.0.0/24"] }
+
+[[trunk]]
+name = "by-header"
+upstream = "tcp-carrier"
+rate = 10
+match = { header = { name = "X-Trunk", value = "blue" } }
+
+[[trunk]]
+name = "by-user"
+upstream = "tcp-carrier"
+rate = 10
+match = { username = "alice" }
+"#;
+
+fn proxy_with(cfg: &str) -> Proxy {
+    let cfg = Config::parse(cfg, "test").expect("valid test config");
+    let listeners = vec![
+        LocalListener {
+            bound: "127.0.0.1:5060".parse().expect("addr"),
+            host: "127.0.0.1".into(),
+            port: 5060,
+            udp: true,
+            tcp: true,
+        },
+        LocalListener {
+            bound: "192.0.2.10:5060".parse().expect("addr"),
+            host: "192.0.2.10".into(),
+            port: 5060,
+            udp: true,
+            tcp: false,
+        },
+    ];
+    Proxy::new(&cfg, listeners).expect("proxy builds")
+}
+
+fn proxy() -> Proxy {
+    proxy_with(CFG)
+}
+
+const PBX: &str = "10.0.0.5:5062";
+const CARRIER: &str = "192.0.2.80:5060";
+
+fn req(method: &str, extra: &str) -> String {
+    format!(
+        "{method} sip:+15551234567@carrier.example SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKabc;rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:pbx@pbx.example>;tag=f1\r\n\
+         To: <sip:+15551234567@carrier.example>\r\n\
+         Call-ID: cid-1\r\n\
+         CSeq: 1 {method}\r\n\
+         {extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+fn handle_from(p: &Proxy, msg: &str, src: &str, t: Transport, conn: Option<ConnId>) -> Action {
+    p.handle(
+        Instant::now(),
+        &Inbound {
+            data: msg.as_bytes(),
+            source: src.parse().expect("addr"),
+            transport: t,
+            listener: 0,
+            conn,
+        },
+    )
+}
+
+fn handle(p: &Proxy, msg: &str, src: &str) -> Action {
+    handle_from(p, msg, src, Transport::Udp, None)
+}
+
+fn forwarded(a: Action) -> (Outbound, String) {
+    match a {
+        Action::Forward(o) => {
+            let s = String::from_utf8(o.data.to_vec()).expect("utf8");
+            (o, s)
+        }
+        other => panic!("expected a forward, got {other:?}"),
+    }
+}
+
+fn replied(a: Action) -> (u16, Outbound, String) {
+    match a {
+        Action::Reply(code, o) => {
+            let s = String::from_utf8(o.data.to_vec()).expect("utf8");
+            (code, o, s)
+        }
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+fn top_branch(s: &str) -> String {
+    let v = s.split("\r\n").find(|l| l.starts_with("Via:")).expect("via");
+    v.split("branch=").nth(1).expect("branch").split(';').next().expect("b").to_owned()
+}
+
+#[test]
+fn trunk_by_source_goes_to_its_upstream_with_rfc_16_6_rewrites() {
+    let p = proxy();
+    let (o, s) = forwarded(handle(&p, &req("INVITE", ""), PBX));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    assert_eq!(o.transport, Transport::Udp);
+    assert_eq!(o.listener, 1, "egress on the interface that reaches the carrier");
+    let lines: Vec<&str> = s.split("\r\n").collect();
+    assert!(lines[1].starts_with("Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKcg"));
+    assert!(lines[1].ends_with(";ln=0"));
+    // RFC 3581: rport filled, received added.
+    assert_eq!(lines[2], "Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKabc;rport=5062;received=10.0.0.5");
+    assert!(s.contains("\r\nMax-Forwards: 69\r\n"));
+    // Interface change: two Record-Routes, egress first.
+    assert!(s.contains("Record-Route: <sip:192.0.2.10:5060;lr>\r\nRecord-Route: <sip:127.0.0.1:5060;lr>\r\n"));
+}
+
+#[test]
+fn retransmission_cancel_and_non_2xx_ack_get_the_same_branch() {
+    let p = proxy();
+    let inv = req("INVITE", "");
+    let (_, a) = forwarded(handle(&p, &inv, PBX));
+    let (_, b) = forwarded(handle(&p, &inv, PBX));
+    assert_eq!(a, b, "a retransmission is forwarded byte for byte the same");
+    let (o, cancel) = forwarded(handle(&p, &req("CANCEL", ""), PBX));
+    assert_eq!(top_branch(&cancel), top_branch(&a));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")), "same destination");
+    let ack = req("ACK", "").replace("To: <sip:+15551234567@carrier.example>", "To: <sip:+15551234567@carrier.example>;tag=remote");
+    let (_, ack) = forwarded(handle(&p, &ack, PBX));
+    assert_eq!(top_branch(&ack), top_branch(&a));
+    // A different transaction gets a different branch.
+    let other = inv.replace("z9hG4bKabc", "z9hG4bKabd");
+    let (_, c) = forwarded(handle(&p, &other, PBX));
+    assert_ne!(top_branch(&c), top_branch(&a));
+}
+
+#[test]
+fn rfc2543_requests_without_cookie_get_a_stable_branch_excluding_the_to_tag() {
+    let p = proxy();
+    let inv = req("INVITE", "").replace("branch=z9hG4bKabc;", "");
+    let (_, a) = forwarded(handle(&p, &inv, PBX));
+    let ack = req("ACK", "")
+        .replace("branch=z9hG4bKabc;", "")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=x\r\nCall");
+    let (_, b) = forwarded(handle(&p, &ack, PBX));
+    assert_eq!(top_branch(&a), top_branch(&b));
+}
+
+#[test]
+fn missing_max_forwards_is_added_as_70() {
+    let p = proxy();
+    let (_, s) = forwarded(handle(&p, &req("INVITE", "").replace("Max-Forwards: 70\r\n", ""), PBX));
+    assert!(s.contains("\r\nMax-Forwards: 70\r\n"), "{s}");
+}
+
+#[test]
+fn validation_answers_483_416_420_505_and_400() {
+    let p = proxy();
+    let cases = [
+        (req("INVITE", "").replace("Max-Forwards: 70", "Max-Forwards: 0"), 483),
+        (req("INVITE", "").replace("INVITE sip:+1555", "INVITE http:+1555"), 416),
+        (req("INVITE", "").replace("INVITE sip:+1555", "INVITE sips:+1555"), 416),
+        (req("INVITE", "Proxy-Require: foo, bar\r\n"), 420),
+        (req("INVITE", "").replace("SIP/2.0\r\nVia", "SIP/3.0\r\nVia"), 505),
+        (req("INVITE", "").replace("Call-ID: cid-1\r\n", ""), 400),
+        (req("INVITE", "").replace("Max-Forwards: 70", "Max-Forwards: 999"), 400),
+        (req("INVITE", "").replace("Content-Length: 0", "Content-Length: 10"), 400),
+        (req("INVITE", "Route: <sip:[::1>\r\n"), 400),
+    ];
+    for (msg, want) in cases {
+        let (code, o, s) = replied(handle(&p, &msg, PBX));
+        assert_eq!(code, want, "{msg}");
+        assert!(s.starts_with(&format!("SIP/2.0 {want} ")));
+        // RFC 3261 §18.2.2 + RFC 3581: rport → back to the source port.
+        assert_eq!(o.to, NextHop::Addr(PBX.parse().expect("addr")));
+        assert!(s.contains(";rport=5062;received=10.0.0.5\r\n"), "{s}");
+        if want == 420 {
+            assert!(s.contains("\r\nUnsupported: foo, bar\r\n"));
+        }
+    }
+}
+
+#[test]
+fn without_rport_the_reply_goes_to_the_sent_by_port() {
+    let p = proxy();
+    let msg = req("INVITE", "").replace(";rport", "").replace("Max-Forwards: 70", "Max-Forwards: 0");
+    let (_, o, _) = replied(handle(&p, &msg, "10.0.0.5:40000"));
+    assert_eq!(o.to, NextHop::Addr("10.0.0.5:5062".parse().expect("addr")));
+}
+
+#[test]
+fn reply_to_tag_is_stable_and_its_ack_is_absorbed() {
+    let p = proxy();
+    let stranger = "203.0.113.9:5060";
+    let (code, _, a) = replied(handle(&p, &req("INVITE", ""), stranger));
+    assert_eq!(code, 403);
+    let (_, _, b) = replied(handle(&p, &req("INVITE", ""), stranger));
+    assert_eq!(a, b, "a retransmission gets a byte-identical answer");
+    let to = a.split("\r\n").find(|l| l.starts_with("To:")).expect("to").to_owned();
+    let ack = req("ACK", "").replace("To: <sip:+15551234567@carrier.example>", &to);
+    assert_eq!(handle(&p, &ack, stranger), Action::Absorb);
+    // An ACK with someone else's tag is routed, not absorbed (here: refused source → dropped).
+    let other = req("ACK", "").replace("carrier.example>\r\nCall", "carrier.example>;tag=cgdeadbeef\r\nCall");
+    assert_eq!(handle(&p, &other, stranger), Action::Drop(DropReason::Unanswerable));
+}
+
+#[test]
+fn trunks_match_by_header_and_by_username() {
+    let p = proxy();
+    let (o, s) = forwarded(handle(&p, &req("INVITE", "x-trunk: blue\r\n"), "198.51.100.1:5060"));
+    assert_eq!(o.to, NextHop::Addr("127.0.0.1:5090".parse().expect("addr")));
+    assert_eq!(o.transport, Transport::Tcp);
+    assert!(s.contains("\r\nContent-Length: 0\r\n"));
+    // From user alice → by-user trunk.
+    let alice = req("INVITE", "").replace("sip:pbx@pbx.example", "sip:alice@pbx.example");
+    let (o, _) = forwarded(handle(&p, &alice, "198.51.100.1:5060"));
+    assert_eq!(o.to, NextHop::Addr("127.0.0.1:5090".parse().expect("addr")));
+    // Proxy-Authorization username wins over the From user.
+    let msg = alice.replace(
+        "Content-Length",
+        "Proxy-Authorization: Digest username=\"mallory\", realm=\"x\"\r\nContent-Length",
+    );
+    let (code, _, _) = replied(handle(&p, &msg, "198.51.100.1:5060"));
+    assert_eq!(code, 403);
+}
+
+#[test]
+fn tcp_egress_adds_content_length_when_absent() {
+    let p = proxy();
+    let msg = req("OPTIONS", "X-Trunk: blue\r\n").replace("Content-Length: 0\r\n", "");
+    let (_, s) = forwarded(handle(&p, &msg, "198.51.100.1:5060"));
+    assert!(s.ends_with("\r\nContent-Length: 0\r\n\r\n"), "{s}");
+}
+
+#[test]
+fn unknown_sources_forward_to_the_default_upstream() {
+    let cfg = CFG.replace(
+        "unknown_sources = \"reject\"",
+        "unknown_sources = \"forward\"\ndefault_upstream = \"carrier\"",
+    );
+    let p = proxy_with(&cfg);
+    let (o, _) = forwarded(handle(&p, &req("INVITE", ""), "203.0.113.9:5060"));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+}
+
+#[test]
+fn carrier_requests_go_to_the_pbx() {
+    let p = proxy();
+    let (o, _) = forwarded(handle(&p, &req("INVITE", ""), CARRIER));
+    assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
+    assert_eq!(o.listener, 0);
+}
+
+#[test]
+fn loose_route_to_us_is_removed_and_the_next_route_followed() {
+    let p = proxy();
+    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>, <sip:192.0.2.99:5080;lr>\r\n")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, s) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(o.to, NextHop::Addr("192.0.2.99:5080".parse().expect("addr")));
+    assert!(s.contains("\r\nRoute: <sip:192.0.2.99:5080;lr>\r\n"), "{s}");
+    assert!(!s.contains("Record-Route"), "no Record-Route on in-dialog requests");
+}
+
+#[test]
+fn double_record_route_names_the_egress_listener() {
+    let p = proxy();
+    // Carrier-side BYE carrying both of our entries: pop both, leave on the second's listener.
+    let msg = req("BYE", "Route: <sip:192.0.2.10:5060;lr>\r\nRoute: <sip:127.0.0.1:5060;lr>\r\n")
+        .replace("BYE sip:+15551234567@carrier.example", "BYE sip:pbx@127.0.0.1:5070")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, s) = forwarded(handle(&p, &msg, CARRIER));
+    assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
+    assert_eq!(o.listener, 0);
+    assert!(!s.contains("Route:"), "{s}");
+}
+
+#[test]
+fn strict_router_request_uri_is_restored_from_the_last_route() {
+    let p = proxy();
+    let msg = req("BYE", "Route: <sip:callee@192.0.2.99:5080>\r\n")
+        .replace("BYE sip:+15551234567@carrier.example", "BYE sip:sbc.example.com")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, s) = forwarded(handle(&p, &msg, PBX));
+    assert!(s.starts_with("BYE sip:callee@192.0.2.99:5080 SIP/2.0\r\n"), "{s}");
+    assert!(!s.contains("Route:"));
+    assert_eq!(o.to, NextHop::Addr("192.0.2.99:5080".parse().expect("addr")));
+}
+
+#[test]
+fn route_back_to_ourselves_is_a_loop() {
+    let p = proxy();
+    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>\r\n")
+        .replace("BYE sip:+15551234567@carrier.example", "BYE sip:127.0.0.1:5060")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (code, _, _) = replied(handle(&p, &msg, PBX));
+    assert_eq!(code, 482);
+}
+
+#[test]
+fn host_name_next_hops_are_left_to_the_resolver() {
+    let p = proxy();
+    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>, <sip:edge.carrier.example;lr;transport=tcp>\r\n")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, _) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(o.to, NextHop::Name { host: "edge.carrier.example".into(), port: 5060 });
+    assert_eq!(o.transport, Transport::Tcp);
+}
+
+fn response_to(forwarded: &str, code: u16) -> String {
+    let head = forwarded.split("\r\n\r\n").next().expect("head");
+    let mut out = format!("SIP/2.0 {code} X\r\n");
+    for l in head.split("\r\n").skip(1) {
+        if l.starts_with("Via:") || l.starts_with("From:") || l.starts_with("Call-ID:") || l.starts_with("CSeq:") {
+            out.push_str(l);
+            out.push_str("\r\n");
+        } else if l.starts_with("To:") {
+            out.push_str(l);
+            out.push_str(";tag=r\r\n");
+        }
+    }
+    out + "Content-Length: 0\r\n\r\n"
+}
+
+#[test]
+fn responses_pop_our_via_and_follow_rport_and_received() {
+    let p = proxy();
+    let (_, fwd) = forwarded(handle(&p, &req("INVITE", ""), PBX));
+    let resp = response_to(&fwd, 180);
+    let (o, s) = forwarded(handle(&p, &resp, CARRIER));
+    assert_eq!(o.to, NextHop::Addr(PBX.parse().expect("addr")));
+    assert_eq!(o.listener, 0, "leaves on the listener the request came in on");
+    assert!(s.starts_with("SIP/2.0 180 X\r\nVia: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKabc;rport=5062;received=10.0.0.5\r\n"), "{s}");
+}
+
+#[test]
+fn responses_over_tcp_return_on_the_request_connection() {
+    let p = proxy();
+    let msg = req("INVITE", "X-Trunk: blue\r\n").replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    let (_, fwd) = forwarded(handle_from(&p, &msg, "198.51.100.1:40001", Transport::Tcp, Some(0x2a)));
+    assert!(fwd.contains(";i=2a;ln=0\r\n"), "{fwd}");
+    let (o, _) = forwarded(handle_from(&p, &response_to(&fwd, 200), "127.0.0.1:5090", Transport::Tcp, Some(7)));
+    assert_eq!(o.conn, Some(0x2a));
+    assert_eq!(o.transport, Transport::Tcp);
+}
+
+#[test]
+fn responses_that_are_not_ours_or_unsafe_are_dropped_never_answered() {
+    let p = proxy();
+    let foreign = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx\r\nVia: SIP/2.0/UDP 10.0.0.5\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(handle(&p, foreign, CARRIER), Action::Drop(DropReason::ForeignVia));
+    let (_, fwd) = forwarded(handle(&p, &req("INVITE", ""), PBX));
+    let only_ours: String = response_to(&fwd, 200)
+        .split("\r\n")
+        .filter(|l| !l.contains("z9hG4bKabc"))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    assert_eq!(handle(&p, &only_ours, CARRIER), Action::Drop(DropReason::NoNextVia));
+    for bad in ["255.255.255.255", "0.0.0.0", "224.0.0.1"] {
+        let r = response_to(&fwd, 200).replace("received=10.0.0.5", &format!("received={bad}"));
+        assert_eq!(handle(&p, &r, CARRIER), Action::Drop(DropReason::UnsafeDestination), "{bad}");
+    }
+    let r = response_to(&fwd, 200).replace("rport=5062", "rport=0");
+    assert_eq!(handle(&p, &r, CARRIER), Action::Drop(DropReason::UnsafeDestination));
+    let garbage = "SIP/2.0 200 OK\r\nVia: nonsense\r\n\r\n";
+    assert_eq!(handle(&p, garbage, CARRIER), Action::Drop(DropReason::BadResponse));
+    assert_eq!(handle(&p, "\x16\x03\x01 hello", CARRIER), Action::Drop(DropReason::NotSip));
+}
+
+#[test]
+fn sent_by_hostname_gets_received_and_compact_forms_are_served() {
+    let p = proxy();
+    let msg = "INVITE sip:+1555@carrier.example SIP/2.0\r\nv: SIP/2.0/UDP pbx.example.com:5062;branch=z9hG4bKq\r\n\
+               f: <sip:pbx@pbx.example>;tag=1\r\nt: <sip:+1555@carrier.example>\r\ni: compact\r\nCSeq: 2 INVITE\r\nl: 0\r\n\r\n";
+    let (_, s) = forwarded(handle(&p, msg, PBX));
+    assert!(s.contains("\r\nv: SIP/2.0/UDP pbx.example.com:5062;branch=z9hG4bKq;received=10.0.0.5\r\n"), "{s}");
+    let (code, _, r) = replied(handle(&p, &msg.replace("SIP/2.0\r\nv:", "SIP/2.0\r\nMax-Forwards: 0\r\nv:"), PBX));
+    assert_eq!(code, 483);
+    assert!(r.contains("\r\nt: <sip:+1555@carrier.example>;tag=cg"), "{r}");
+    assert!(r.contains("\r\ni: compact\r\n"));
+}
+
+#[test]
+fn request_without_via_is_dropped_and_malformed_ack_never_answered() {
+    let p = proxy();
+    let no_via = "OPTIONS sip:x SIP/2.0\r\nCall-ID: c\r\n\r\n";
+    assert_eq!(handle(&p, no_via, PBX), Action::Drop(DropReason::Unanswerable));
+    let ack = req("ACK", "").replace("Max-Forwards: 70", "Max-Forwards: 0");
+    assert_eq!(handle(&p, &ack, PBX), Action::Drop(DropReason::Unanswerable));
+}
+
+#[test]
+fn ipv6_sources_and_next_hops() {
+    let p = proxy();
+    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>, <sip:[2001:db8::7]:5080;lr>\r\n")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    // No IPv6 listener in this config: the next hop is refused with 503, not sent from IPv4.
+    let (code, _, _) = replied(handle(&p, &msg, PBX));
+    assert_eq!(code, 503);
+    let v6: SocketAddr = "[2001:db8::5]:5062".parse().expect("addr");
+    let msg = req("INVITE", "").replace("10.0.0.5:5062", "[2001:db8::5]:5062");
+    let (code, o, s) = replied(handle(&p, &msg, &v6.to_string()));
+    assert_eq!(code, 403);
+    assert_eq!(o.to, NextHop::Addr(v6));
+    assert!(s.contains("rport=5062;received=2001:db8::5"), "{s}");
+}
