@@ -4,3 +4,4 @@
 mod harness;
 mod flows;
 mod interop;
+mod smoke;
