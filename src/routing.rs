@@ -40,11 +40,15 @@ impl Cidr {
         };
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -201,6 +205,11 @@ mod tests {
         let exact: Cidr = "127.0.0.1:5080".parse().unwrap();
         assert!(exact.matches("127.0.0.1:5080".parse().unwrap()));
         assert!(!exact.matches("127.0.0.1:5070".parse().unwrap()));
-        assert!("[::1]:5080".parse::<Cidr>().unwrap().matches("[::1]:5080".parse().unwrap()));
+        assert!(
+            "[::1]:5080"
+                .parse::<Cidr>()
+                .unwrap()
+                .matches("[::1]:5080".parse().unwrap())
+        );
     }
 }

@@ -283,7 +283,13 @@ impl<'t> Validator<'t> {
             + 1
     }
 
-    fn err(&mut self, span: Range<usize>, key: impl Into<String>, value: impl fmt::Display, msg: impl Into<String>) {
+    fn err(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        value: impl fmt::Display,
+        msg: impl Into<String>,
+    ) {
         self.errors.push(ConfigError {
             line: self.line(&span),
             key: key.into(),
@@ -292,27 +298,49 @@ impl<'t> Validator<'t> {
         });
     }
 
-    fn err_at<T: fmt::Debug>(&mut self, s: &Spanned<T>, key: impl Into<String>, msg: impl Into<String>) {
+    fn err_at<T: fmt::Debug>(
+        &mut self,
+        s: &Spanned<T>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) {
         let value = format!("{:?}", s.get_ref());
         self.err(s.span(), key, value, msg);
     }
 
-    fn section<T: for<'de> Deserialize<'de>>(&mut self, key: &str, value: &Spanned<DeValue<'_>>) -> Option<T> {
+    fn section<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        key: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Option<T> {
         match T::deserialize(ValueDeserializer::from(value.clone())) {
             Ok(t) => Some(t),
             Err(e) => {
                 let span = e.span().unwrap_or_else(|| value.span());
                 let snippet = self.text.get(span.clone()).unwrap_or("").trim();
-                let snippet = if snippet.len() > 60 || snippet.contains('\n') { "" } else { snippet };
+                let snippet = if snippet.len() > 60 || snippet.contains('\n') {
+                    ""
+                } else {
+                    snippet
+                };
                 self.err(span, key, snippet, e.message().trim().to_owned());
                 None
             }
         }
     }
 
-    fn array<T: for<'de> Deserialize<'de>>(&mut self, key: &str, value: &Spanned<DeValue<'_>>) -> Vec<T> {
+    fn array<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        key: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Vec<T> {
         let Some(items) = value.get_ref().as_array() else {
-            self.err(value.span(), key, "", format!("must be an array of tables ([[{key}]])"));
+            self.err(
+                value.span(),
+                key,
+                "",
+                format!("must be an array of tables ([[{key}]])"),
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -387,8 +415,18 @@ impl<'t> Validator<'t> {
         self.unique("trunk", doc.trunk.iter().map(|t| &t.name));
         let proxy = self.proxy(&doc.proxy, &doc.upstream);
         let udp = UdpSettings {
-            recv_buffer: self.size("udp.recv_buffer", doc.udp.recv_buffer.as_ref(), 4 << 20, 4096..=1 << 30),
-            send_buffer: self.size("udp.send_buffer", doc.udp.send_buffer.as_ref(), 4 << 20, 4096..=1 << 30),
+            recv_buffer: self.size(
+                "udp.recv_buffer",
+                doc.udp.recv_buffer.as_ref(),
+                4 << 20,
+                4096..=1 << 30,
+            ),
+            send_buffer: self.size(
+                "udp.send_buffer",
+                doc.udp.send_buffer.as_ref(),
+                4 << 20,
+                4096..=1 << 30,
+            ),
         };
         let tcp = TcpSettings {
             idle_timeout: std::time::Duration::from_secs(self.size(
@@ -403,10 +441,21 @@ impl<'t> Validator<'t> {
                 2000,
                 10..=60_000,
             ) as u64),
-            max_connections: self.size("tcp.max_connections", doc.tcp.max_connections.as_ref(), 1024, 1..=1_000_000),
+            max_connections: self.size(
+                "tcp.max_connections",
+                doc.tcp.max_connections.as_ref(),
+                1024,
+                1..=1_000_000,
+            ),
         };
         let pbx = doc.pbx.as_ref().and_then(|p| {
-            self.target("pbx", &p.address, p.transport.as_ref(), p.listener.as_ref(), &listeners)
+            self.target(
+                "pbx",
+                &p.address,
+                p.transport.as_ref(),
+                p.listener.as_ref(),
+                &listeners,
+            )
         });
         if !self.errors.is_empty() {
             return None;
@@ -429,34 +478,61 @@ impl<'t> Validator<'t> {
             if n.get_ref().is_empty() {
                 self.err_at(n, format!("{what}[{i}].name"), "must not be empty");
             } else if !seen.insert(n.get_ref().clone()) {
-                self.err_at(n, format!("{what}[{i}].name"), format!("duplicate {what} name"));
+                self.err_at(
+                    n,
+                    format!("{what}[{i}].name"),
+                    format!("duplicate {what} name"),
+                );
             }
         }
     }
 
-    fn size(&mut self, key: &str, v: Option<&Spanned<i64>>, default: usize, range: std::ops::RangeInclusive<i64>) -> usize {
+    fn size(
+        &mut self,
+        key: &str,
+        v: Option<&Spanned<i64>>,
+        default: usize,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> usize {
         match v {
             None => default,
             Some(s) if range.contains(s.get_ref()) => *s.get_ref() as usize,
             Some(s) => {
-                self.err_at(s, key, format!("must be between {} and {}", range.start(), range.end()));
+                self.err_at(
+                    s,
+                    key,
+                    format!("must be between {} and {}", range.start(), range.end()),
+                );
                 default
             }
         }
     }
 
-    fn limit(&mut self, key: &str, rate: &Spanned<f64>, burst: Option<&Spanned<i64>>) -> Option<Limit> {
+    fn limit(
+        &mut self,
+        key: &str,
+        rate: &Spanned<f64>,
+        burst: Option<&Spanned<i64>>,
+    ) -> Option<Limit> {
         let r = *rate.get_ref();
         let mut ok = true;
         if !(r.is_finite() && r > 0.0 && r <= 1_000_000.0) {
-            self.err_at(rate, format!("{key}.rate"), "must be a number of calls per second > 0 and ≤ 1000000");
+            self.err_at(
+                rate,
+                format!("{key}.rate"),
+                "must be a number of calls per second > 0 and ≤ 1000000",
+            );
             ok = false;
         }
         let b = match burst {
             None => 1,
             Some(b) if (1..=1_000_000).contains(b.get_ref()) => *b.get_ref() as u32,
             Some(b) => {
-                self.err_at(b, format!("{key}.burst"), "must be a whole number of calls between 1 and 1000000");
+                self.err_at(
+                    b,
+                    format!("{key}.burst"),
+                    "must be a whole number of calls between 1 and 1000000",
+                );
                 ok = false;
                 1
             }
@@ -466,7 +542,12 @@ impl<'t> Validator<'t> {
 
     fn listeners(&mut self, raw: &[raw::Listen]) -> Vec<Listener> {
         if raw.is_empty() {
-            self.err(0..0, "listen", "", "at least one [[listen]] address is required");
+            self.err(
+                0..0,
+                "listen",
+                "",
+                "at least one [[listen]] address is required",
+            );
         }
         let mut out = Vec::new();
         for (i, l) in raw.iter().enumerate() {
@@ -474,7 +555,11 @@ impl<'t> Validator<'t> {
             let address = match l.address.get_ref().parse::<SocketAddr>() {
                 Ok(a) => a,
                 Err(_) => {
-                    self.err_at(&l.address, format!("{key}.address"), "must be IP:port, e.g. \"0.0.0.0:5060\" or \"[::]:5060\"");
+                    self.err_at(
+                        &l.address,
+                        format!("{key}.address"),
+                        "must be IP:port, e.g. \"0.0.0.0:5060\" or \"[::]:5060\"",
+                    );
                     continue;
                 }
             };
@@ -486,26 +571,41 @@ impl<'t> Validator<'t> {
                         match t.get_ref().to_ascii_lowercase().as_str() {
                             "udp" => udp = true,
                             "tcp" => tcp = true,
-                            _ => self.err_at(t, format!("{key}.transports"), "must be \"udp\" or \"tcp\""),
+                            _ => self.err_at(
+                                t,
+                                format!("{key}.transports"),
+                                "must be \"udp\" or \"tcp\"",
+                            ),
                         }
                     }
                     if list.is_empty() {
-                        self.err(0..0, format!("{key}.transports"), "[]", "must name at least one transport");
+                        self.err(
+                            0..0,
+                            format!("{key}.transports"),
+                            "[]",
+                            "must name at least one transport",
+                        );
                     }
                 }
             }
-            let advertise = l.advertise.as_ref().and_then(|a| match split_host_port(a.get_ref()) {
-                Some((h, p)) => Some((h, p)),
-                None => {
-                    self.err_at(a, format!("{key}.advertise"), "must be host or host:port");
-                    None
-                }
-            });
+            let advertise = l
+                .advertise
+                .as_ref()
+                .and_then(|a| match split_host_port(a.get_ref()) {
+                    Some((h, p)) => Some((h, p)),
+                    None => {
+                        self.err_at(a, format!("{key}.advertise"), "must be host or host:port");
+                        None
+                    }
+                });
             if address.ip().is_unspecified() && advertise.is_none() {
                 self.err_at(&l.address, format!("{key}.advertise"), "required when binding an unspecified address (Via and Record-Route need a reachable host)");
             }
             out.push(Listener {
-                name: l.name.as_ref().map_or_else(|| format!("listen{i}"), |n| n.get_ref().clone()),
+                name: l
+                    .name
+                    .as_ref()
+                    .map_or_else(|| format!("listen{i}"), |n| n.get_ref().clone()),
                 address,
                 udp,
                 tcp,
@@ -528,7 +628,11 @@ impl<'t> Validator<'t> {
             Some(name) => match listeners.iter().position(|l| &l.name == name.get_ref()) {
                 Some(i) => Some(i),
                 None => {
-                    self.err_at(name, format!("{key}.listener"), "no [[listen]] has this name");
+                    self.err_at(
+                        name,
+                        format!("{key}.listener"),
+                        "no [[listen]] has this name",
+                    );
                     return None;
                 }
             },
@@ -563,19 +667,39 @@ impl<'t> Validator<'t> {
             .filter_map(|s| match s.get_ref().parse::<Cidr>() {
                 Ok(c) => Some(c),
                 Err(_) => {
-                    self.err_at(s, key, "must be an IP address, a CIDR or ip:port, e.g. \"203.0.113.0/24\"");
+                    self.err_at(
+                        s,
+                        key,
+                        "must be an IP address, a CIDR or ip:port, e.g. \"203.0.113.0/24\"",
+                    );
                     None
                 }
             })
             .collect()
     }
 
-    fn upstream(&mut self, i: usize, u: &raw::Upstream, listeners: &[Listener]) -> Option<Upstream> {
+    fn upstream(
+        &mut self,
+        i: usize,
+        u: &raw::Upstream,
+        listeners: &[Listener],
+    ) -> Option<Upstream> {
         let key = format!("upstream[{i}]");
-        let target = self.target(&key, &u.address, u.transport.as_ref(), u.listener.as_ref(), listeners)?;
+        let target = self.target(
+            &key,
+            &u.address,
+            u.transport.as_ref(),
+            u.listener.as_ref(),
+            listeners,
+        )?;
         let sources = match &u.sources {
             Some(list) => self.cidrs(&format!("{key}.sources"), list),
-            None => target.host.parse::<std::net::IpAddr>().map(Cidr::host).into_iter().collect(),
+            None => target
+                .host
+                .parse::<std::net::IpAddr>()
+                .map(Cidr::host)
+                .into_iter()
+                .collect(),
         };
         Some(Upstream {
             name: u.name.get_ref().clone(),
@@ -586,13 +710,24 @@ impl<'t> Validator<'t> {
 
     fn trunk(&mut self, i: usize, t: &raw::Trunk, doc: &RawDoc) -> Option<Trunk> {
         let key = format!("trunk[{i}]");
-        let upstream = doc.upstream.iter().position(|u| u.name.get_ref() == t.upstream.get_ref());
+        let upstream = doc
+            .upstream
+            .iter()
+            .position(|u| u.name.get_ref() == t.upstream.get_ref());
         if upstream.is_none() {
-            self.err_at(&t.upstream, format!("{key}.upstream"), "no [[upstream]] has this name");
+            self.err_at(
+                &t.upstream,
+                format!("{key}.upstream"),
+                "no [[upstream]] has this name",
+            );
         }
         let account = match &t.account {
             None => None,
-            Some(a) => match doc.account.iter().position(|x| x.name.get_ref() == a.get_ref()) {
+            Some(a) => match doc
+                .account
+                .iter()
+                .position(|x| x.name.get_ref() == a.get_ref())
+            {
                 Some(idx) => Some(idx),
                 None => {
                     self.err_at(a, format!("{key}.account"), "no [[account]] has this name");
@@ -603,17 +738,41 @@ impl<'t> Validator<'t> {
         let limit = self.limit(&key, &t.rate, t.burst.as_ref());
         let m = t.matcher.get_ref();
         let matcher = TrunkMatch {
-            sources: m.sources.as_deref().map(|l| self.cidrs(&format!("{key}.match.sources"), l)).unwrap_or_default(),
+            sources: m
+                .sources
+                .as_deref()
+                .map(|l| self.cidrs(&format!("{key}.match.sources"), l))
+                .unwrap_or_default(),
             username: m.username.as_ref().map(|u| u.get_ref().clone()),
-            header: m.header.as_ref().map(|h| (h.name.get_ref().clone(), h.value.get_ref().clone())),
+            header: m
+                .header
+                .as_ref()
+                .map(|h| (h.name.get_ref().clone(), h.value.get_ref().clone())),
         };
-        if let Some(h) = &m.header {
-            if h.name.get_ref().is_empty() || !h.name.get_ref().bytes().all(crate::sip::scan::is_token_char) {
-                self.err_at(&h.name, format!("{key}.match.header.name"), "must be a header name");
-            }
+        if let Some(h) = &m.header
+            && (h.name.get_ref().is_empty()
+                || !h
+                    .name
+                    .get_ref()
+                    .bytes()
+                    .all(crate::sip::scan::is_token_char))
+        {
+            self.err_at(
+                &h.name,
+                format!("{key}.match.header.name"),
+                "must be a header name",
+            );
         }
-        if m.sources.as_ref().is_none_or(Vec::is_empty) && m.username.is_none() && m.header.is_none() {
-            self.err(t.matcher.span(), format!("{key}.match"), "", "must give at least one of sources, username, header");
+        if m.sources.as_ref().is_none_or(Vec::is_empty)
+            && m.username.is_none()
+            && m.header.is_none()
+        {
+            self.err(
+                t.matcher.span(),
+                format!("{key}.match"),
+                "",
+                "must give at least one of sources, username, header",
+            );
         }
         Some(Trunk {
             name: t.name.get_ref().clone(),
@@ -631,7 +790,11 @@ impl<'t> Validator<'t> {
                 "reject" => UnknownSources::Reject,
                 "forward" => UnknownSources::Forward,
                 _ => {
-                    self.err_at(s, "proxy.unknown_sources", "must be \"reject\" or \"forward\"");
+                    self.err_at(
+                        s,
+                        "proxy.unknown_sources",
+                        "must be \"reject\" or \"forward\"",
+                    );
                     UnknownSources::Reject
                 }
             },
@@ -639,7 +802,9 @@ impl<'t> Validator<'t> {
         let default_upstream = match &p.default_upstream {
             None => None,
             Some(d) => {
-                let idx = upstreams.iter().position(|u| u.name.get_ref() == d.get_ref());
+                let idx = upstreams
+                    .iter()
+                    .position(|u| u.name.get_ref() == d.get_ref());
                 if idx.is_none() {
                     self.err_at(d, "proxy.default_upstream", "no [[upstream]] has this name");
                 }
@@ -648,7 +813,12 @@ impl<'t> Validator<'t> {
         };
         if unknown_sources == UnknownSources::Forward && p.default_upstream.is_none() {
             let span = p.unknown_sources.as_ref().map_or(0..0, |s| s.span());
-            self.err(span, "proxy.default_upstream", "", "required when unknown_sources = \"forward\"");
+            self.err(
+                span,
+                "proxy.default_upstream",
+                "",
+                "required when unknown_sources = \"forward\"",
+            );
         }
         let secret = match (&p.secret, &p.secret_env) {
             (Some(s), None) => Some(s.get_ref().clone()),
@@ -661,22 +831,50 @@ impl<'t> Validator<'t> {
             },
             (None, None) => None,
             (Some(s), Some(_)) => {
-                self.err(s.span(), "proxy.secret", "(hidden)", "give secret or secret_env, not both");
+                self.err(
+                    s.span(),
+                    "proxy.secret",
+                    "(hidden)",
+                    "give secret or secret_env, not both",
+                );
                 None
             }
         };
-        if let Some(s) = &secret {
-            if s.len() < 16 {
-                let span = p.secret.as_ref().or(p.secret_env.as_ref()).map_or(0..0, |s| s.span());
-                self.err(span, "proxy.secret", "(hidden)", "must be at least 16 characters");
-            }
+        if let Some(s) = &secret
+            && s.len() < 16
+        {
+            let span = p
+                .secret
+                .as_ref()
+                .or(p.secret_env.as_ref())
+                .map_or(0..0, |s| s.span());
+            self.err(
+                span,
+                "proxy.secret",
+                "(hidden)",
+                "must be at least 16 characters",
+            );
         }
-        let max_message_size = self.size("proxy.max_message_size", p.max_message_size.as_ref(), DEFAULT_MAX_MESSAGE, 1024..=1 << 20);
-        let grace = self.size("proxy.shutdown_grace_secs", p.shutdown_grace_secs.as_ref(), 5, 0..=300);
+        let max_message_size = self.size(
+            "proxy.max_message_size",
+            p.max_message_size.as_ref(),
+            DEFAULT_MAX_MESSAGE,
+            1024..=1 << 20,
+        );
+        let grace = self.size(
+            "proxy.shutdown_grace_secs",
+            p.shutdown_grace_secs.as_ref(),
+            5,
+            0..=300,
+        );
         Some(ProxySettings {
             shutdown_grace: std::time::Duration::from_secs(grace as u64),
             secret,
-            aliases: p.aliases.iter().map(|a| a.get_ref().to_ascii_lowercase()).collect(),
+            aliases: p
+                .aliases
+                .iter()
+                .map(|a| a.get_ref().to_ascii_lowercase())
+                .collect(),
             unknown_sources,
             default_upstream,
             record_route: p.record_route.unwrap_or(true),
@@ -740,7 +938,13 @@ match = { sources = ["10.0.0.0/8"] }
     fn good_config_validates() {
         let c = Config::parse(GOOD, "t").unwrap();
         assert_eq!(c.trunks[0].account, Some(0));
-        assert_eq!(c.trunks[0].limit, Limit { rate: 10.0, burst: 5 });
+        assert_eq!(
+            c.trunks[0].limit,
+            Limit {
+                rate: 10.0,
+                burst: 5
+            }
+        );
         assert_eq!(c.accounts[0].limit.burst, 1);
         assert_eq!(c.proxy.unknown_sources, UnknownSources::Reject);
         assert!(c.listeners[0].udp && c.listeners[0].tcp);
@@ -751,19 +955,31 @@ match = { sources = ["10.0.0.0/8"] }
         let bad = GOOD
             .replace("rate = 10", "rate = -1")
             .replace("account = \"acme\"", "account = \"nobody\"")
-            .replace("address = \"127.0.0.1:5080\"", "address = \"127.0.0.1:5080\"\nbogus = 1");
+            .replace(
+                "address = \"127.0.0.1:5080\"",
+                "address = \"127.0.0.1:5080\"\nbogus = 1",
+            );
         let e = Config::parse(&bad, "t").unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("trunk[0].account = \"nobody\": no [[account]] has this name"), "{text}");
+        assert!(
+            text.contains("trunk[0].account = \"nobody\": no [[account]] has this name"),
+            "{text}"
+        );
         assert!(text.contains("upstream[0]"), "{text}");
         assert!(text.contains("bogus"), "{text}");
-        let acct = e.errors.iter().find(|e| e.key == "trunk[0].account").unwrap();
+        let acct = e
+            .errors
+            .iter()
+            .find(|e| e.key == "trunk[0].account")
+            .unwrap();
         assert_eq!(acct.line, 16);
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        let bad = GOOD.replace("burst = 5", "burst = 0").replace("10.0.0.0/8", "10.0.0.0/33");
+        let bad = GOOD
+            .replace("burst = 5", "burst = 0")
+            .replace("10.0.0.0/8", "10.0.0.0/33");
         let e = Config::parse(&bad, "t").unwrap_err();
         let keys: Vec<_> = e.errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["trunk[0].burst", "trunk[0].match.sources"]);
@@ -780,7 +996,10 @@ match = { sources = ["10.0.0.0/8"] }
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("a.example:5080"), Some(("a.example".into(), Some(5080))));
+        assert_eq!(
+            split_host_port("a.example:5080"),
+            Some(("a.example".into(), Some(5080)))
+        );
         assert_eq!(split_host_port("[::1]:5"), Some(("::1".into(), Some(5))));
         assert_eq!(split_host_port("h"), Some(("h".into(), None)));
         assert_eq!(split_host_port("h:0"), None);

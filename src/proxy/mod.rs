@@ -245,16 +245,17 @@ impl Proxy {
                 port: t.port,
                 reason,
             })?;
-            let fits = |l: &LocalListener| l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4();
+            let fits =
+                |l: &LocalListener| l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4();
             let listener = match t.listener {
                 Some(i) => Some(i).filter(|&i| listeners.get(i).is_some_and(fits)),
                 None => listeners.iter().position(fits),
             }
             .ok_or(BuildError::NoListener {
-                    what,
-                    transport: t.transport.as_via(),
-                    addr,
-                })?;
+                what,
+                transport: t.transport.as_via(),
+                addr,
+            })?;
             Ok(Resolved {
                 addr,
                 transport: t.transport,
@@ -361,9 +362,7 @@ impl Proxy {
         }
         // RFC 3261 §8.2.7/§17.2.1: the ACK for a final response we generated ends here. Our To-tag
         // is a keyed hash of the transaction, so no state is needed to recognise it.
-        if req.method == Method::Ack
-            && req.to_tag(buf) == Some(self.to_tag(msg, &req).as_bytes())
-        {
+        if req.method == Method::Ack && req.to_tag(buf) == Some(self.to_tag(msg, &req).as_bytes()) {
             return Action::Absorb;
         }
         let mut edits = via_edits.clone();
@@ -385,10 +384,10 @@ impl Proxy {
                 Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
             },
         };
-        if let NextHop::Addr(a) = &to {
-            if !self.is_safe(*a) {
-                return Action::Drop(DropReason::UnsafeDestination);
-            }
+        if let NextHop::Addr(a) = &to
+            && !self.is_safe(*a)
+        {
+            return Action::Drop(DropReason::UnsafeDestination);
         }
         self.rewrite_request(msg, &req, inb, &mut edits, transport, egress);
         Action::Forward(Outbound {
@@ -411,7 +410,9 @@ impl Proxy {
             return Err(refuse(505, "Version Not Supported"));
         }
         // §16.3 step 2: a URI scheme the proxy does not understand → 416.
-        let ruri_range = msg.request_uri_range().expect("requests have a Request-URI");
+        let ruri_range = msg
+            .request_uri_range()
+            .expect("requests have a Request-URI");
         match Uri::parse(buf, ruri_range) {
             None => return Err(refuse(400, "Bad Request (Malformed Request-URI)")),
             Some(u) if u.scheme == Scheme::Other => {
@@ -562,7 +563,10 @@ impl Proxy {
         let egress = named_egress
             .filter(|&i| fits(i))
             .or_else(|| (0..self.listeners.len()).find(|&i| fits(i)))
-            .ok_or(refuse(503, "Service Unavailable (No Listener For Next Hop)"))?;
+            .ok_or(refuse(
+                503,
+                "Service Unavailable (No Listener For Next Hop)",
+            ))?;
         Ok((to, transport, egress))
     }
 
@@ -645,7 +649,10 @@ impl Proxy {
             return Action::Drop(DropReason::BadResponse);
         }
         let vias = elements(msg, HeaderName::Via);
-        let Some(top) = vias.first().and_then(|e| Via::parse(buf, e.value.clone()).ok()) else {
+        let Some(top) = vias
+            .first()
+            .and_then(|e| Via::parse(buf, e.value.clone()).ok())
+        else {
             return Action::Drop(DropReason::BadResponse);
         };
         if !self.is_our_via(buf, &top) {
@@ -670,10 +677,10 @@ impl Proxy {
         let Some((to, transport)) = via_destination(buf, &next) else {
             return Action::Drop(DropReason::UnsupportedTransport);
         };
-        if let NextHop::Addr(a) = &to {
-            if !self.is_safe(*a) {
-                return Action::Drop(DropReason::UnsafeDestination);
-            }
+        if let NextHop::Addr(a) = &to
+            && !self.is_safe(*a)
+        {
+            return Action::Drop(DropReason::UnsafeDestination);
         }
         let mut edits = Edits::new();
         remove_element(msg, &vias, 0, &mut edits);
@@ -697,7 +704,11 @@ impl Proxy {
     /// alias with a matching port).
     fn is_us(&self, buf: &[u8], uri: &Uri) -> Option<usize> {
         let host = uri.host.as_ref()?;
-        let default = if uri.scheme == Scheme::Sips { 5061 } else { 5060 };
+        let default = if uri.scheme == Scheme::Sips {
+            5061
+        } else {
+            5060
+        };
         self.local_listener(buf, host, uri.port.unwrap_or(default))
     }
 
@@ -710,8 +721,7 @@ impl Proxy {
             let host_ok = match host {
                 Host::Ip(ip) => {
                     l.bound.ip() == *ip
-                        || l.host.trim_start_matches('[').trim_end_matches(']')
-                            == ip.to_string()
+                        || l.host.trim_start_matches('[').trim_end_matches(']') == ip.to_string()
                 }
                 Host::Name(r) => {
                     let name = &buf[r.clone()];
@@ -809,7 +819,10 @@ impl Proxy {
                 extra: &extra,
             },
         );
-        Action::Reply(r.code, self.reply_outbound(&req.top_via, msg.buf(), inb, data))
+        Action::Reply(
+            r.code,
+            self.reply_outbound(&req.top_via, msg.buf(), inb, data),
+        )
     }
 
     /// Answer a request whose headers did not validate, from what can be read of it.

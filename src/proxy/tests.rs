@@ -131,8 +131,17 @@ fn replied(a: Action) -> (u16, Outbound, String) {
 }
 
 fn top_branch(s: &str) -> String {
-    let v = s.split("\r\n").find(|l| l.starts_with("Via:")).expect("via");
-    v.split("branch=").nth(1).expect("branch").split(';').next().expect("b").to_owned()
+    let v = s
+        .split("\r\n")
+        .find(|l| l.starts_with("Via:"))
+        .expect("via");
+    v.split("branch=")
+        .nth(1)
+        .expect("branch")
+        .split(';')
+        .next()
+        .expect("b")
+        .to_owned()
 }
 
 #[test]
@@ -141,15 +150,23 @@ fn trunk_by_source_goes_to_its_upstream_with_rfc_16_6_rewrites() {
     let (o, s) = forwarded(handle(&p, &req("INVITE", ""), PBX));
     assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
     assert_eq!(o.transport, Transport::Udp);
-    assert_eq!(o.listener, 1, "egress on the interface that reaches the carrier");
+    assert_eq!(
+        o.listener, 1,
+        "egress on the interface that reaches the carrier"
+    );
     let lines: Vec<&str> = s.split("\r\n").collect();
     assert!(lines[1].starts_with("Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKcg"));
     assert!(lines[1].ends_with(";ln=0"));
     // RFC 3581: rport filled, received added.
-    assert_eq!(lines[2], "Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKabc;rport=5062;received=10.0.0.5");
+    assert_eq!(
+        lines[2],
+        "Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKabc;rport=5062;received=10.0.0.5"
+    );
     assert!(s.contains("\r\nMax-Forwards: 69\r\n"));
     // Interface change: two Record-Routes, egress first.
-    assert!(s.contains("Record-Route: <sip:192.0.2.10:5060;lr>\r\nRecord-Route: <sip:127.0.0.1:5060;lr>\r\n"));
+    assert!(s.contains(
+        "Record-Route: <sip:192.0.2.10:5060;lr>\r\nRecord-Route: <sip:127.0.0.1:5060;lr>\r\n"
+    ));
 }
 
 #[test]
@@ -161,8 +178,15 @@ fn retransmission_cancel_and_non_2xx_ack_get_the_same_branch() {
     assert_eq!(a, b, "a retransmission is forwarded byte for byte the same");
     let (o, cancel) = forwarded(handle(&p, &req("CANCEL", ""), PBX));
     assert_eq!(top_branch(&cancel), top_branch(&a));
-    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")), "same destination");
-    let ack = req("ACK", "").replace("To: <sip:+15551234567@carrier.example>", "To: <sip:+15551234567@carrier.example>;tag=remote");
+    assert_eq!(
+        o.to,
+        NextHop::Addr(CARRIER.parse().expect("addr")),
+        "same destination"
+    );
+    let ack = req("ACK", "").replace(
+        "To: <sip:+15551234567@carrier.example>",
+        "To: <sip:+15551234567@carrier.example>;tag=remote",
+    );
     let (_, ack) = forwarded(handle(&p, &ack, PBX));
     assert_eq!(top_branch(&ack), top_branch(&a));
     // A different transaction gets a different branch.
@@ -186,7 +210,11 @@ fn rfc2543_requests_without_cookie_get_a_stable_branch_excluding_the_to_tag() {
 #[test]
 fn missing_max_forwards_is_added_as_70() {
     let p = proxy();
-    let (_, s) = forwarded(handle(&p, &req("INVITE", "").replace("Max-Forwards: 70\r\n", ""), PBX));
+    let (_, s) = forwarded(handle(
+        &p,
+        &req("INVITE", "").replace("Max-Forwards: 70\r\n", ""),
+        PBX,
+    ));
     assert!(s.contains("\r\nMax-Forwards: 70\r\n"), "{s}");
 }
 
@@ -194,14 +222,32 @@ fn missing_max_forwards_is_added_as_70() {
 fn validation_answers_483_416_420_505_and_400() {
     let p = proxy();
     let cases = [
-        (req("INVITE", "").replace("Max-Forwards: 70", "Max-Forwards: 0"), 483),
-        (req("INVITE", "").replace("INVITE sip:+1555", "INVITE http:+1555"), 416),
-        (req("INVITE", "").replace("INVITE sip:+1555", "INVITE sips:+1555"), 416),
+        (
+            req("INVITE", "").replace("Max-Forwards: 70", "Max-Forwards: 0"),
+            483,
+        ),
+        (
+            req("INVITE", "").replace("INVITE sip:+1555", "INVITE http:+1555"),
+            416,
+        ),
+        (
+            req("INVITE", "").replace("INVITE sip:+1555", "INVITE sips:+1555"),
+            416,
+        ),
         (req("INVITE", "Proxy-Require: foo, bar\r\n"), 420),
-        (req("INVITE", "").replace("SIP/2.0\r\nVia", "SIP/3.0\r\nVia"), 505),
+        (
+            req("INVITE", "").replace("SIP/2.0\r\nVia", "SIP/3.0\r\nVia"),
+            505,
+        ),
         (req("INVITE", "").replace("Call-ID: cid-1\r\n", ""), 400),
-        (req("INVITE", "").replace("Max-Forwards: 70", "Max-Forwards: 999"), 400),
-        (req("INVITE", "").replace("Content-Length: 0", "Content-Length: 10"), 400),
+        (
+            req("INVITE", "").replace("Max-Forwards: 70", "Max-Forwards: 999"),
+            400,
+        ),
+        (
+            req("INVITE", "").replace("Content-Length: 0", "Content-Length: 10"),
+            400,
+        ),
         (req("INVITE", "Route: <sip:[::1>\r\n"), 400),
     ];
     for (msg, want) in cases {
@@ -220,7 +266,9 @@ fn validation_answers_483_416_420_505_and_400() {
 #[test]
 fn without_rport_the_reply_goes_to_the_sent_by_port() {
     let p = proxy();
-    let msg = req("INVITE", "").replace(";rport", "").replace("Max-Forwards: 70", "Max-Forwards: 0");
+    let msg = req("INVITE", "")
+        .replace(";rport", "")
+        .replace("Max-Forwards: 70", "Max-Forwards: 0");
     let (_, o, _) = replied(handle(&p, &msg, "10.0.0.5:40000"));
     assert_eq!(o.to, NextHop::Addr("10.0.0.5:5062".parse().expect("addr")));
 }
@@ -233,18 +281,32 @@ fn reply_to_tag_is_stable_and_its_ack_is_absorbed() {
     assert_eq!(code, 403);
     let (_, _, b) = replied(handle(&p, &req("INVITE", ""), stranger));
     assert_eq!(a, b, "a retransmission gets a byte-identical answer");
-    let to = a.split("\r\n").find(|l| l.starts_with("To:")).expect("to").to_owned();
+    let to = a
+        .split("\r\n")
+        .find(|l| l.starts_with("To:"))
+        .expect("to")
+        .to_owned();
     let ack = req("ACK", "").replace("To: <sip:+15551234567@carrier.example>", &to);
     assert_eq!(handle(&p, &ack, stranger), Action::Absorb);
     // An ACK with someone else's tag is routed, not absorbed (here: refused source → dropped).
-    let other = req("ACK", "").replace("carrier.example>\r\nCall", "carrier.example>;tag=cgdeadbeef\r\nCall");
-    assert_eq!(handle(&p, &other, stranger), Action::Drop(DropReason::Unanswerable));
+    let other = req("ACK", "").replace(
+        "carrier.example>\r\nCall",
+        "carrier.example>;tag=cgdeadbeef\r\nCall",
+    );
+    assert_eq!(
+        handle(&p, &other, stranger),
+        Action::Drop(DropReason::Unanswerable)
+    );
 }
 
 #[test]
 fn trunks_match_by_header_and_by_username() {
     let p = proxy();
-    let (o, s) = forwarded(handle(&p, &req("INVITE", "x-trunk: blue\r\n"), "198.51.100.1:5060"));
+    let (o, s) = forwarded(handle(
+        &p,
+        &req("INVITE", "x-trunk: blue\r\n"),
+        "198.51.100.1:5060",
+    ));
     assert_eq!(o.to, NextHop::Addr("127.0.0.1:5090".parse().expect("addr")));
     assert_eq!(o.transport, Transport::Tcp);
     assert!(s.contains("\r\nContent-Length: 0\r\n"));
@@ -291,21 +353,36 @@ fn carrier_requests_go_to_the_pbx() {
 #[test]
 fn loose_route_to_us_is_removed_and_the_next_route_followed() {
     let p = proxy();
-    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>, <sip:192.0.2.99:5080;lr>\r\n")
-        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = req(
+        "BYE",
+        "Route: <sip:127.0.0.1:5060;lr>, <sip:192.0.2.99:5080;lr>\r\n",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
     let (o, s) = forwarded(handle(&p, &msg, PBX));
-    assert_eq!(o.to, NextHop::Addr("192.0.2.99:5080".parse().expect("addr")));
+    assert_eq!(
+        o.to,
+        NextHop::Addr("192.0.2.99:5080".parse().expect("addr"))
+    );
     assert!(s.contains("\r\nRoute: <sip:192.0.2.99:5080;lr>\r\n"), "{s}");
-    assert!(!s.contains("Record-Route"), "no Record-Route on in-dialog requests");
+    assert!(
+        !s.contains("Record-Route"),
+        "no Record-Route on in-dialog requests"
+    );
 }
 
 #[test]
 fn double_record_route_names_the_egress_listener() {
     let p = proxy();
     // Carrier-side BYE carrying both of our entries: pop both, leave on the second's listener.
-    let msg = req("BYE", "Route: <sip:192.0.2.10:5060;lr>\r\nRoute: <sip:127.0.0.1:5060;lr>\r\n")
-        .replace("BYE sip:+15551234567@carrier.example", "BYE sip:pbx@127.0.0.1:5070")
-        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = req(
+        "BYE",
+        "Route: <sip:192.0.2.10:5060;lr>\r\nRoute: <sip:127.0.0.1:5060;lr>\r\n",
+    )
+    .replace(
+        "BYE sip:+15551234567@carrier.example",
+        "BYE sip:pbx@127.0.0.1:5070",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
     let (o, s) = forwarded(handle(&p, &msg, CARRIER));
     assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
     assert_eq!(o.listener, 0);
@@ -316,19 +393,31 @@ fn double_record_route_names_the_egress_listener() {
 fn strict_router_request_uri_is_restored_from_the_last_route() {
     let p = proxy();
     let msg = req("BYE", "Route: <sip:callee@192.0.2.99:5080>\r\n")
-        .replace("BYE sip:+15551234567@carrier.example", "BYE sip:sbc.example.com")
+        .replace(
+            "BYE sip:+15551234567@carrier.example",
+            "BYE sip:sbc.example.com",
+        )
         .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
     let (o, s) = forwarded(handle(&p, &msg, PBX));
-    assert!(s.starts_with("BYE sip:callee@192.0.2.99:5080 SIP/2.0\r\n"), "{s}");
+    assert!(
+        s.starts_with("BYE sip:callee@192.0.2.99:5080 SIP/2.0\r\n"),
+        "{s}"
+    );
     assert!(!s.contains("Route:"));
-    assert_eq!(o.to, NextHop::Addr("192.0.2.99:5080".parse().expect("addr")));
+    assert_eq!(
+        o.to,
+        NextHop::Addr("192.0.2.99:5080".parse().expect("addr"))
+    );
 }
 
 #[test]
 fn route_back_to_ourselves_is_a_loop() {
     let p = proxy();
     let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>\r\n")
-        .replace("BYE sip:+15551234567@carrier.example", "BYE sip:127.0.0.1:5060")
+        .replace(
+            "BYE sip:+15551234567@carrier.example",
+            "BYE sip:127.0.0.1:5060",
+        )
         .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
     let (code, _, _) = replied(handle(&p, &msg, PBX));
     assert_eq!(code, 482);
@@ -337,10 +426,19 @@ fn route_back_to_ourselves_is_a_loop() {
 #[test]
 fn host_name_next_hops_are_left_to_the_resolver() {
     let p = proxy();
-    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>, <sip:edge.carrier.example;lr;transport=tcp>\r\n")
-        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = req(
+        "BYE",
+        "Route: <sip:127.0.0.1:5060;lr>, <sip:edge.carrier.example;lr;transport=tcp>\r\n",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
     let (o, _) = forwarded(handle(&p, &msg, PBX));
-    assert_eq!(o.to, NextHop::Name { host: "edge.carrier.example".into(), port: 5060 });
+    assert_eq!(
+        o.to,
+        NextHop::Name {
+            host: "edge.carrier.example".into(),
+            port: 5060
+        }
+    );
     assert_eq!(o.transport, Transport::Tcp);
 }
 
@@ -348,7 +446,11 @@ fn response_to(forwarded: &str, code: u16) -> String {
     let head = forwarded.split("\r\n\r\n").next().expect("head");
     let mut out = format!("SIP/2.0 {code} X\r\n");
     for l in head.split("\r\n").skip(1) {
-        if l.starts_with("Via:") || l.starts_with("From:") || l.starts_with("Call-ID:") || l.starts_with("CSeq:") {
+        if l.starts_with("Via:")
+            || l.starts_with("From:")
+            || l.starts_with("Call-ID:")
+            || l.starts_with("CSeq:")
+        {
             out.push_str(l);
             out.push_str("\r\n");
         } else if l.starts_with("To:") {
@@ -366,7 +468,10 @@ fn responses_pop_our_via_and_follow_rport_and_received() {
     let resp = response_to(&fwd, 180);
     let (o, s) = forwarded(handle(&p, &resp, CARRIER));
     assert_eq!(o.to, NextHop::Addr(PBX.parse().expect("addr")));
-    assert_eq!(o.listener, 0, "leaves on the listener the request came in on");
+    assert_eq!(
+        o.listener, 0,
+        "leaves on the listener the request came in on"
+    );
     assert!(s.starts_with("SIP/2.0 180 X\r\nVia: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKabc;rport=5062;received=10.0.0.5\r\n"), "{s}");
 }
 
@@ -374,9 +479,21 @@ fn responses_pop_our_via_and_follow_rport_and_received() {
 fn responses_over_tcp_return_on_the_request_connection() {
     let p = proxy();
     let msg = req("INVITE", "X-Trunk: blue\r\n").replace("SIP/2.0/UDP", "SIP/2.0/TCP");
-    let (_, fwd) = forwarded(handle_from(&p, &msg, "198.51.100.1:40001", Transport::Tcp, Some(0x2a)));
+    let (_, fwd) = forwarded(handle_from(
+        &p,
+        &msg,
+        "198.51.100.1:40001",
+        Transport::Tcp,
+        Some(0x2a),
+    ));
     assert!(fwd.contains(";i=2a;ln=0\r\n"), "{fwd}");
-    let (o, _) = forwarded(handle_from(&p, &response_to(&fwd, 200), "127.0.0.1:5090", Transport::Tcp, Some(7)));
+    let (o, _) = forwarded(handle_from(
+        &p,
+        &response_to(&fwd, 200),
+        "127.0.0.1:5090",
+        Transport::Tcp,
+        Some(7),
+    ));
     assert_eq!(o.conn, Some(0x2a));
     assert_eq!(o.transport, Transport::Tcp);
 }
@@ -385,23 +502,42 @@ fn responses_over_tcp_return_on_the_request_connection() {
 fn responses_that_are_not_ours_or_unsafe_are_dropped_never_answered() {
     let p = proxy();
     let foreign = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx\r\nVia: SIP/2.0/UDP 10.0.0.5\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
-    assert_eq!(handle(&p, foreign, CARRIER), Action::Drop(DropReason::ForeignVia));
+    assert_eq!(
+        handle(&p, foreign, CARRIER),
+        Action::Drop(DropReason::ForeignVia)
+    );
     let (_, fwd) = forwarded(handle(&p, &req("INVITE", ""), PBX));
     let only_ours: String = response_to(&fwd, 200)
         .split("\r\n")
         .filter(|l| !l.contains("z9hG4bKabc"))
         .collect::<Vec<_>>()
         .join("\r\n");
-    assert_eq!(handle(&p, &only_ours, CARRIER), Action::Drop(DropReason::NoNextVia));
+    assert_eq!(
+        handle(&p, &only_ours, CARRIER),
+        Action::Drop(DropReason::NoNextVia)
+    );
     for bad in ["255.255.255.255", "0.0.0.0", "224.0.0.1"] {
         let r = response_to(&fwd, 200).replace("received=10.0.0.5", &format!("received={bad}"));
-        assert_eq!(handle(&p, &r, CARRIER), Action::Drop(DropReason::UnsafeDestination), "{bad}");
+        assert_eq!(
+            handle(&p, &r, CARRIER),
+            Action::Drop(DropReason::UnsafeDestination),
+            "{bad}"
+        );
     }
     let r = response_to(&fwd, 200).replace("rport=5062", "rport=0");
-    assert_eq!(handle(&p, &r, CARRIER), Action::Drop(DropReason::UnsafeDestination));
+    assert_eq!(
+        handle(&p, &r, CARRIER),
+        Action::Drop(DropReason::UnsafeDestination)
+    );
     let garbage = "SIP/2.0 200 OK\r\nVia: nonsense\r\n\r\n";
-    assert_eq!(handle(&p, garbage, CARRIER), Action::Drop(DropReason::BadResponse));
-    assert_eq!(handle(&p, "\x16\x03\x01 hello", CARRIER), Action::Drop(DropReason::NotSip));
+    assert_eq!(
+        handle(&p, garbage, CARRIER),
+        Action::Drop(DropReason::BadResponse)
+    );
+    assert_eq!(
+        handle(&p, "\x16\x03\x01 hello", CARRIER),
+        Action::Drop(DropReason::NotSip)
+    );
 }
 
 #[test]
@@ -410,10 +546,20 @@ fn sent_by_hostname_gets_received_and_compact_forms_are_served() {
     let msg = "INVITE sip:+1555@carrier.example SIP/2.0\r\nv: SIP/2.0/UDP pbx.example.com:5062;branch=z9hG4bKq\r\n\
                f: <sip:pbx@pbx.example>;tag=1\r\nt: <sip:+1555@carrier.example>\r\ni: compact\r\nCSeq: 2 INVITE\r\nl: 0\r\n\r\n";
     let (_, s) = forwarded(handle(&p, msg, PBX));
-    assert!(s.contains("\r\nv: SIP/2.0/UDP pbx.example.com:5062;branch=z9hG4bKq;received=10.0.0.5\r\n"), "{s}");
-    let (code, _, r) = replied(handle(&p, &msg.replace("SIP/2.0\r\nv:", "SIP/2.0\r\nMax-Forwards: 0\r\nv:"), PBX));
+    assert!(
+        s.contains("\r\nv: SIP/2.0/UDP pbx.example.com:5062;branch=z9hG4bKq;received=10.0.0.5\r\n"),
+        "{s}"
+    );
+    let (code, _, r) = replied(handle(
+        &p,
+        &msg.replace("SIP/2.0\r\nv:", "SIP/2.0\r\nMax-Forwards: 0\r\nv:"),
+        PBX,
+    ));
     assert_eq!(code, 483);
-    assert!(r.contains("\r\nt: <sip:+1555@carrier.example>;tag=cg"), "{r}");
+    assert!(
+        r.contains("\r\nt: <sip:+1555@carrier.example>;tag=cg"),
+        "{r}"
+    );
     assert!(r.contains("\r\ni: compact\r\n"));
 }
 
@@ -421,16 +567,25 @@ fn sent_by_hostname_gets_received_and_compact_forms_are_served() {
 fn request_without_via_is_dropped_and_malformed_ack_never_answered() {
     let p = proxy();
     let no_via = "OPTIONS sip:x SIP/2.0\r\nCall-ID: c\r\n\r\n";
-    assert_eq!(handle(&p, no_via, PBX), Action::Drop(DropReason::Unanswerable));
+    assert_eq!(
+        handle(&p, no_via, PBX),
+        Action::Drop(DropReason::Unanswerable)
+    );
     let ack = req("ACK", "").replace("Max-Forwards: 70", "Max-Forwards: 0");
-    assert_eq!(handle(&p, &ack, PBX), Action::Drop(DropReason::Unanswerable));
+    assert_eq!(
+        handle(&p, &ack, PBX),
+        Action::Drop(DropReason::Unanswerable)
+    );
 }
 
 #[test]
 fn ipv6_sources_and_next_hops() {
     let p = proxy();
-    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;lr>, <sip:[2001:db8::7]:5080;lr>\r\n")
-        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = req(
+        "BYE",
+        "Route: <sip:127.0.0.1:5060;lr>, <sip:[2001:db8::7]:5080;lr>\r\n",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
     // No IPv6 listener in this config: the next hop is refused with 503, not sent from IPv4.
     let (code, _, _) = replied(handle(&p, &msg, PBX));
     assert_eq!(code, 503);

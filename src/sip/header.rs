@@ -244,8 +244,7 @@ pub fn parse_params(buf: &[u8], mut pos: usize, end: usize) -> (Vec<Param>, usiz
                 }
                 ve = (ve + 1).min(end);
             } else {
-                while ve < end
-                    && (is_token_char(buf[ve]) || matches!(buf[ve], b'[' | b']' | b':'))
+                while ve < end && (is_token_char(buf[ve]) || matches!(buf[ve], b'[' | b']' | b':'))
                 {
                     ve += 1;
                 }
@@ -369,13 +368,15 @@ impl Via {
         let received = find_param(buf, &params, b"received").and_then(|p| p.value.clone());
         let rport = match find_param(buf, &params, b"rport") {
             None => Rport::Absent,
-            Some(Param { value: None, name, .. }) => Rport::Requested(name.clone()),
             Some(Param {
-                value: Some(v), ..
-            }) => match parse_decimal(&buf[v.clone()]).and_then(|n| u16::try_from(n).ok()) {
-                Some(port) => Rport::Port(port),
-                None => return Err(HeaderError::Via),
-            },
+                value: None, name, ..
+            }) => Rport::Requested(name.clone()),
+            Some(Param { value: Some(v), .. }) => {
+                match parse_decimal(&buf[v.clone()]).and_then(|n| u16::try_from(n).ok()) {
+                    Some(port) => Rport::Port(port),
+                    None => return Err(HeaderError::Via),
+                }
+            }
         };
         Ok(Via {
             range: r,
@@ -555,13 +556,12 @@ mod tests {
 
     #[test]
     fn via_with_lws_around_slashes_and_ipv6() {
-        let v = via("SIP  /   2.0 /\r\n UDP [2001:db8::9:1]:5070;branch=z9hG4bKx;rport;received=1.2.3.4");
+        let v = via(
+            "SIP  /   2.0 /\r\n UDP [2001:db8::9:1]:5070;branch=z9hG4bKx;rport;received=1.2.3.4",
+        );
         assert_eq!(v.transport, Transport::Udp);
         assert_eq!(v.port, Some(5070));
-        assert_eq!(
-            v.host,
-            Host::Ip("2001:db8::9:1".parse().unwrap())
-        );
+        assert_eq!(v.host, Host::Ip("2001:db8::9:1".parse().unwrap()));
         assert!(matches!(v.rport, Rport::Requested(_)));
         assert_eq!(v.param(b"SIP  /   2.0 /\r\n UDP [2001:db8::9:1]:5070;branch=z9hG4bKx;rport;received=1.2.3.4", b"received"), Some(&b"1.2.3.4"[..]));
     }
@@ -595,7 +595,10 @@ mod tests {
 
     #[test]
     fn cseq_and_max_forwards() {
-        assert_eq!(parse_cseq(b"  42\r\n INVITE").unwrap(), (42, &b"INVITE"[..]));
+        assert_eq!(
+            parse_cseq(b"  42\r\n INVITE").unwrap(),
+            (42, &b"INVITE"[..])
+        );
         assert!(parse_cseq(b"4294967296 INVITE").is_err());
         assert_eq!(parse_max_forwards(b"70").unwrap(), 70);
         assert!(parse_max_forwards(b"256").is_err());

@@ -193,7 +193,11 @@ impl<'a> Message<'a> {
 
     fn bound_body(&mut self) {
         let mut declared: Option<usize> = None;
-        for h in self.headers.iter().filter(|h| h.name == HeaderName::ContentLength) {
+        for h in self
+            .headers
+            .iter()
+            .filter(|h| h.name == HeaderName::ContentLength)
+        {
             match parse_decimal(&self.buf[h.value.clone()]) {
                 Some(n) if declared.is_none_or(|d| d == n) => declared = Some(n),
                 _ => {
@@ -407,8 +411,7 @@ fn parse_start_line(buf: &[u8], r: Range<usize>) -> Option<StartLine> {
     let version = &line[sp2 + 1..];
     if !method.iter().all(|&b| is_token_char(b))
         || uri.iter().any(|&b| b <= b' ' || b == 0x7f)
-        || !version.starts_with(b"SIP/")
-            && !(version.len() >= 4 && version[..4].eq_ignore_ascii_case(b"SIP/"))
+        || !(version.len() >= 4 && version[..4].eq_ignore_ascii_case(b"SIP/"))
     {
         return None;
     }
@@ -486,7 +489,8 @@ mod tests {
 
     #[test]
     fn folds_continuation_lines_into_the_header_above() {
-        let m = Message::scan(b"OPTIONS sip:a SIP/2.0\r\nSubject: one\r\n  two\r\n\ttwo-b\r\n\r\n").unwrap();
+        let m = Message::scan(b"OPTIONS sip:a SIP/2.0\r\nSubject: one\r\n  two\r\n\ttwo-b\r\n\r\n")
+            .unwrap();
         let h = &m.headers()[0];
         assert_eq!(m.slice(h.value.clone()), b"one\r\n  two\r\n\ttwo-b");
         assert_eq!(h.line.end, m.headers_end());
@@ -500,7 +504,8 @@ mod tests {
 
     #[test]
     fn conflicting_content_lengths_are_a_defect() {
-        let m = Message::scan(b"INVITE sip:a SIP/2.0\r\nl: 1\r\nContent-Length: 2\r\n\r\nab").unwrap();
+        let m =
+            Message::scan(b"INVITE sip:a SIP/2.0\r\nl: 1\r\nContent-Length: 2\r\n\r\nab").unwrap();
         assert_eq!(m.defect(), Some(Defect::ContentLength));
     }
 

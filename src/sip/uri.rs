@@ -153,8 +153,7 @@ pub fn parse_hostport(
         host = Host::Ip(IpAddr::V6(text.parse::<Ipv6Addr>().ok()?));
         p = close + 1;
     } else {
-        while p < end && (buf[p].is_ascii_alphanumeric() || matches!(buf[p], b'.' | b'-' | b'_'))
-        {
+        while p < end && (buf[p].is_ascii_alphanumeric() || matches!(buf[p], b'.' | b'-' | b'_')) {
             p += 1;
         }
         if p == pos {

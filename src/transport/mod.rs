@@ -219,9 +219,7 @@ impl Shell {
                     self.stats.transport_drop(TransportDrop::QueueFull, addr);
                 }
             }
-            _ => self
-                .stats
-                .transport_drop(TransportDrop::SendFailed, addr),
+            _ => self.stats.transport_drop(TransportDrop::SendFailed, addr),
         }
     }
 
@@ -278,12 +276,16 @@ impl Shell {
                 Ok(Err(e)) => {
                     tracing::warn!(%peer, error = %e, "tcp connect failed");
                     shell.conns.remove(id);
-                    shell.stats.transport_drop(TransportDrop::ConnectFailed, peer);
+                    shell
+                        .stats
+                        .transport_drop(TransportDrop::ConnectFailed, peer);
                 }
                 Err(_) => {
                     tracing::warn!(%peer, "tcp connect timed out");
                     shell.conns.remove(id);
-                    shell.stats.transport_drop(TransportDrop::ConnectFailed, peer);
+                    shell
+                        .stats
+                        .transport_drop(TransportDrop::ConnectFailed, peer);
                 }
             }
             drop(permit);

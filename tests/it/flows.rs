@@ -19,10 +19,18 @@ async fn udp_call_is_relayed_both_ways_and_stays_on_the_record_route() {
     assert_eq!(from, gate.udp, "forwarded from the gate's listening socket");
     let vias = headers(&fwd, "Via");
     assert_eq!(vias.len(), 2);
-    assert!(vias[0].starts_with(&format!("SIP/2.0/UDP {};branch=z9hG4bKcg", gate.udp)), "{}", vias[0]);
+    assert!(
+        vias[0].starts_with(&format!("SIP/2.0/UDP {};branch=z9hG4bKcg", gate.udp)),
+        "{}",
+        vias[0]
+    );
     assert_eq!(
         vias[1],
-        format!("SIP/2.0/UDP {};branch=z9hG4bKpbx1;rport={};received=127.0.0.1", pbx.addr, pbx.addr.port())
+        format!(
+            "SIP/2.0/UDP {};branch=z9hG4bKpbx1;rport={};received=127.0.0.1",
+            pbx.addr,
+            pbx.addr.port()
+        )
     );
     assert_eq!(header(&fwd, "Max-Forwards"), Some("69"));
     let rr = header(&fwd, "Record-Route").expect("record-routed");
@@ -33,7 +41,9 @@ async fn udp_call_is_relayed_both_ways_and_stays_on_the_record_route() {
     let carrier_contact = format!("sip:carrier@{}", carrier.addr);
     for (code, reason) in [(100, "Trying"), (180, "Ringing"), (200, "OK")] {
         let contact = (code > 100).then_some(carrier_contact.as_str());
-        carrier.send(gate.udp, &respond(&fwd, code, reason, "callee", contact)).await;
+        carrier
+            .send(gate.udp, &respond(&fwd, code, reason, "callee", contact))
+            .await;
         let (resp, from) = pbx.recv().await;
         assert_eq!(from, gate.udp);
         assert_eq!(status(&resp), code);
@@ -71,7 +81,8 @@ async fn udp_call_is_relayed_both_ways_and_stays_on_the_record_route() {
     let (bye_fwd, _) = pbx.recv().await;
     assert!(bye_fwd.starts_with("BYE "));
     assert_eq!(headers(&bye_fwd, "Via").len(), 2);
-    pbx.send(gate.udp, &respond(&bye_fwd, 200, "OK", "x", None)).await;
+    pbx.send(gate.udp, &respond(&bye_fwd, 200, "OK", "x", None))
+        .await;
     let (ok, _) = carrier.recv().await;
     assert_eq!(status(&ok), 200);
     assert_eq!(header(&ok, "CSeq"), Some("7 BYE"));
@@ -84,7 +95,12 @@ async fn initial_invite_from_carrier_goes_to_the_pbx() {
     let pbx = UdpPeer::bind().await;
     let carrier = UdpPeer::bind().await;
     let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
-    carrier.send(gate.udp, &invite(carrier.addr, "UDP", "in-1", "z9hG4bKin1", "")).await;
+    carrier
+        .send(
+            gate.udp,
+            &invite(carrier.addr, "UDP", "in-1", "z9hG4bKin1", ""),
+        )
+        .await;
     let (fwd, _) = pbx.recv().await;
     assert!(fwd.starts_with("INVITE "));
     assert_eq!(headers(&fwd, "Via").len(), 2);
@@ -96,14 +112,19 @@ async fn max_forwards_zero_gets_483_and_is_not_forwarded() {
     let pbx = UdpPeer::bind().await;
     let carrier = UdpPeer::bind().await;
     let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
-    let inv = invite(pbx.addr, "UDP", "mf0", "z9hG4bKmf0", "").replace("Max-Forwards: 70", "Max-Forwards: 0");
+    let inv = invite(pbx.addr, "UDP", "mf0", "z9hG4bKmf0", "")
+        .replace("Max-Forwards: 70", "Max-Forwards: 0");
     pbx.send(gate.udp, &inv).await;
     let (resp, _) = pbx.recv().await;
     assert_eq!(status(&resp), 483);
     assert!(header(&resp, "To").expect("To").contains(";tag=cg"));
     assert_eq!(header(&resp, "Call-ID"), Some("mf0"));
     // The carrier got nothing: the next forwarded message is the one sent after.
-    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "after", "z9hG4bKafter", "")).await;
+    pbx.send(
+        gate.udp,
+        &invite(pbx.addr, "UDP", "after", "z9hG4bKafter", ""),
+    )
+    .await;
     let (fwd, _) = carrier.recv().await;
     assert_eq!(header(&fwd, "Call-ID"), Some("after"));
     gate.stop().await;
@@ -114,10 +135,14 @@ async fn malformed_request_gets_400_naming_the_problem() {
     let pbx = UdpPeer::bind().await;
     let carrier = UdpPeer::bind().await;
     let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
-    let inv = invite(pbx.addr, "UDP", "bad", "z9hG4bKbad", "").replace("CSeq: 1 INVITE", "CSeq: one INVITE");
+    let inv = invite(pbx.addr, "UDP", "bad", "z9hG4bKbad", "")
+        .replace("CSeq: 1 INVITE", "CSeq: one INVITE");
     pbx.send(gate.udp, &inv).await;
     let (resp, _) = pbx.recv().await;
-    assert!(resp.starts_with("SIP/2.0 400 Bad Request (Malformed CSeq)\r\n"), "{resp}");
+    assert!(
+        resp.starts_with("SIP/2.0 400 Bad Request (Malformed CSeq)\r\n"),
+        "{resp}"
+    );
     gate.stop().await;
 }
 
@@ -127,7 +152,12 @@ async fn unknown_source_gets_403() {
     let stranger = UdpPeer::bind().await;
     let carrier = UdpPeer::bind().await;
     let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
-    stranger.send(gate.udp, &invite(stranger.addr, "UDP", "fraud", "z9hG4bKf", "")).await;
+    stranger
+        .send(
+            gate.udp,
+            &invite(stranger.addr, "UDP", "fraud", "z9hG4bKf", ""),
+        )
+        .await;
     let (resp, _) = stranger.recv().await;
     assert_eq!(status(&resp), 403);
     // Its ACK is absorbed, not forwarded (RFC 3261 §17.1.1.3: same branch, our To-tag).
@@ -139,10 +169,20 @@ async fn unknown_source_gets_403() {
         s = stranger.addr
     );
     stranger.send(gate.udp, &ack).await;
-    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "legit", "z9hG4bKl", "")).await;
+    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "legit", "z9hG4bKl", ""))
+        .await;
     let (fwd, _) = carrier.recv().await;
-    assert_eq!(header(&fwd, "Call-ID"), Some("legit"), "the ACK never reached the carrier");
-    assert_eq!(gate.stats.absorbed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        header(&fwd, "Call-ID"),
+        Some("legit"),
+        "the ACK never reached the carrier"
+    );
+    assert_eq!(
+        gate.stats
+            .absorbed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     gate.stop().await;
 }
 
@@ -158,7 +198,8 @@ async fn response_with_a_foreign_top_via_is_dropped_and_counted() {
     );
     carrier.send(gate.udp, &foreign).await;
     // A message sent after it is processed after it on the same socket loop.
-    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "next", "z9hG4bKn", "")).await;
+    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "next", "z9hG4bKn", ""))
+        .await;
     let (fwd, _) = carrier.recv().await;
     assert_eq!(header(&fwd, "Call-ID"), Some("next"));
     assert_eq!(gate.stats.drops(DropReason::ForeignVia), 1);
@@ -182,11 +223,24 @@ async fn tcp_call_uses_the_connections_both_ways() {
     let mut carrier = TcpPeer::accept(&carrier_l).await;
     let fwd = carrier.recv().await;
     let vias = headers(&fwd, "Via");
-    assert!(vias[0].starts_with(&format!("SIP/2.0/TCP {};branch=z9hG4bKcg", gate.tcp)), "{}", vias[0]);
-    assert!(vias[0].contains(";i="), "connection id carried: {}", vias[0]);
-    assert_eq!(header(&fwd, "Record-Route"), Some(format!("<sip:{};transport=tcp;lr>", gate.tcp).as_str()));
+    assert!(
+        vias[0].starts_with(&format!("SIP/2.0/TCP {};branch=z9hG4bKcg", gate.tcp)),
+        "{}",
+        vias[0]
+    );
+    assert!(
+        vias[0].contains(";i="),
+        "connection id carried: {}",
+        vias[0]
+    );
+    assert_eq!(
+        header(&fwd, "Record-Route"),
+        Some(format!("<sip:{};transport=tcp;lr>", gate.tcp).as_str())
+    );
 
-    carrier.send(respond(&fwd, 180, "Ringing", "c1", Some("sip:c@127.0.0.1")).as_bytes()).await;
+    carrier
+        .send(respond(&fwd, 180, "Ringing", "c1", Some("sip:c@127.0.0.1")).as_bytes())
+        .await;
     let r = pbx.recv().await;
     assert_eq!(status(&r), 180);
 
@@ -215,7 +269,8 @@ async fn transport_change_inserts_two_record_routes() {
     let carrier_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let carrier_addr = carrier_l.local_addr().expect("addr");
     let gate = TestGate::start(&config(pbx.addr, "udp", carrier_addr, "tcp")).await;
-    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "x-1", "z9hG4bKx1", "")).await;
+    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "x-1", "z9hG4bKx1", ""))
+        .await;
     let mut carrier = TcpPeer::accept(&carrier_l).await;
     let fwd = carrier.recv().await;
     let rr = headers(&fwd, "Record-Route");
@@ -227,7 +282,9 @@ async fn transport_change_inserts_two_record_routes() {
         ]
     );
     // The 200 comes back over TCP and leaves over UDP to the PBX.
-    carrier.send(respond(&fwd, 200, "OK", "c", Some("sip:c@127.0.0.1")).as_bytes()).await;
+    carrier
+        .send(respond(&fwd, 200, "OK", "c", Some("sip:c@127.0.0.1")).as_bytes())
+        .await;
     let (ok, _) = pbx.recv().await;
     assert_eq!(status(&ok), 200);
     gate.stop().await;
@@ -262,7 +319,10 @@ async fn tcp_message_without_content_length_gets_400_and_close() {
     );
     pbx.send(opt.as_bytes()).await;
     let r = pbx.recv().await;
-    assert!(r.starts_with("SIP/2.0 400 Bad Request (Missing Content-Length)"), "{r}");
+    assert!(
+        r.starts_with("SIP/2.0 400 Bad Request (Missing Content-Length)"),
+        "{r}"
+    );
     assert!(pbx.closed().await);
     gate.stop().await;
 }

@@ -277,7 +277,12 @@ pub fn respond(req: &str, code: u16, reason: &str, to_tag: &str, contact: Option
     let mut out = format!("SIP/2.0 {code} {reason}\r\n");
     let head = req.split("\r\n\r\n").next().unwrap_or_default();
     for line in head.split("\r\n").skip(1) {
-        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
         match name.as_str() {
             "via" | "from" | "call-id" | "cseq" | "record-route" => {
                 out.push_str(line);

@@ -56,7 +56,16 @@ async fn sipp_calls_through_the_gate(transport: &str) {
     let gate_addr = if tcp { gate.tcp } else { gate.udp };
 
     let mut uas = Command::new("sipp")
-        .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &uas_port.to_string(), "-t", t])
+        .args([
+            "-sn",
+            "uas",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &uas_port.to_string(),
+            "-t",
+            t,
+        ])
         .args(["-nostdin", "-timeout", "180s"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -80,7 +89,16 @@ async fn sipp_calls_through_the_gate(transport: &str) {
     let uac = Command::new("sipp")
         .args(["-sn", "uac", &gate_addr.to_string(), "-i", "127.0.0.1"])
         .args(["-p", &uac_port.to_string(), "-t", t])
-        .args(["-m", &CALLS.to_string(), "-r", "100", "-l", "200", "-d", "10"])
+        .args([
+            "-m",
+            &CALLS.to_string(),
+            "-r",
+            "100",
+            "-l",
+            "200",
+            "-d",
+            "10",
+        ])
         .args(["-nostdin", "-timeout", "120s", "-timeout_error"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -25,7 +25,10 @@ fn temp_file(name: &str, text: &str) -> PathBuf {
 #[test]
 fn shipped_default_config_loads() {
     let c = Config::load(&repo("config/cpsgate.toml")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.listeners[0].address, "127.0.0.1:5060".parse().expect("addr"));
+    assert_eq!(
+        c.listeners[0].address,
+        "127.0.0.1:5060".parse().expect("addr")
+    );
     assert_eq!(c.upstreams[0].target.port, 5080);
     assert!(c.listeners[0].udp && c.listeners[0].tcp);
 }
@@ -37,7 +40,11 @@ fn check_config_accepts_the_shipped_files() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The multi-carrier example reads its secret from the environment.
     let out = std::process::Command::new(bin())
         .args(["check-config", "config/examples/multi-carrier.toml"])
@@ -45,9 +52,16 @@ fn check_config_accepts_the_shipped_files() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("2 listener(s), 2 upstream(s), 2 account(s), 6 trunk(s)"), "{text}");
+    assert!(
+        text.contains("2 listener(s), 2 upstream(s), 2 account(s), 6 trunk(s)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -56,7 +70,10 @@ fn check_config_reports_every_error_with_line_and_exits_2() {
         .expect("read")
         .replace("rate = 10      # calls per second", "rate = 0")
         .replace("upstream = \"carrier\"", "upstream = \"nowhere\"")
-        .replace("unknown_sources = \"reject\"", "unknown_sources = \"maybe\"");
+        .replace(
+            "unknown_sources = \"reject\"",
+            "unknown_sources = \"maybe\"",
+        );
     let path = temp_file("bad.toml", &bad);
     let out = std::process::Command::new(bin())
         .args(["check-config", path.to_str().expect("utf8 path")])
@@ -68,8 +85,16 @@ fn check_config_reports_every_error_with_line_and_exits_2() {
     assert!(err.contains("3 error(s)"), "{err}");
     assert!(err.contains("proxy.unknown_sources = \"maybe\""), "{err}");
     assert!(err.contains("account[0].rate = 0.0"), "{err}");
-    assert!(err.contains("trunk[0].upstream = \"nowhere\": no [[upstream]] has this name"), "{err}");
-    assert!(err.lines().skip(1).all(|l| l.trim_start().starts_with("line ")), "{err}");
+    assert!(
+        err.contains("trunk[0].upstream = \"nowhere\": no [[upstream]] has this name"),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .skip(1)
+            .all(|l| l.trim_start().starts_with("line ")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -79,7 +104,13 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
         .replace("address = \"127.0.0.1:5060\"", "address = \"127.0.0.1:0\"");
     let path = temp_file("run.toml", &cfg);
     let mut child = Command::new(bin())
-        .args(["run", "--config", path.to_str().expect("utf8 path"), "--log-format", "json"])
+        .args([
+            "run",
+            "--config",
+            path.to_str().expect("utf8 path"),
+            "--log-format",
+            "json",
+        ])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -97,10 +128,21 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
             seen.push(line);
         }
     }
-    assert!(seen[0].contains("listening on udp 127.0.0.1:"), "{}", seen[0]);
-    assert!(seen[1].contains("listening on tcp 127.0.0.1:"), "{}", seen[1]);
+    assert!(
+        seen[0].contains("listening on udp 127.0.0.1:"),
+        "{}",
+        seen[0]
+    );
+    assert!(
+        seen[1].contains("listening on tcp 127.0.0.1:"),
+        "{}",
+        seen[1]
+    );
     let pid = child.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(killed.success());
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
