@@ -27,6 +27,8 @@ const COOKIE: &str = "z9hG4bK";
 const BRANCH_PREFIX: &str = "z9hG4bKcg";
 /// Our To-tags: this marker + 16 hex digits.
 const TAG_PREFIX: &str = "cg";
+/// RFC 3261 §18.1.1: requests larger than this go over TCP when the path MTU is unknown.
+const UDP_SIZE_LIMIT: usize = 1300;
 /// RFC 3261 §16.6 step 3: the Max-Forwards a proxy adds when there is none.
 const DEFAULT_MAX_FORWARDS: u8 = 70;
 
@@ -374,10 +376,16 @@ impl Proxy {
             }
             Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
         };
-        let (to, transport, egress) = match hop {
+        // A configured target's transport is the operator's choice; a URI without `transport`
+        // leaves it to us (RFC 3261 §18.1.1).
+        let mut transport_chosen = true;
+        let (to, mut transport, mut egress) = match hop {
             Hop::Target(t) => (NextHop::Addr(t.addr), t.transport, t.listener),
             Hop::Uri(uri, named_egress) => match self.uri_destination(buf, &uri, named_egress) {
-                Ok(d) => d,
+                Ok(d) => {
+                    transport_chosen = uri.transport(buf).is_some();
+                    d
+                }
                 Err(_) if req.method == Method::Ack => {
                     return Action::Drop(DropReason::UnsupportedTransport);
                 }
@@ -389,13 +397,31 @@ impl Proxy {
         {
             return Action::Drop(DropReason::UnsafeDestination);
         }
+        let unrewritten = edits.clone();
         self.rewrite_request(msg, &req, inb, &mut edits, transport, egress);
+        let mut data = edits.apply(buf, msg.body_range().end);
+        // RFC 3261 §18.1.1: a request larger than 1300 bytes (path MTU unknown) MUST go over a
+        // congestion-controlled transport when the next hop did not fix the transport.
+        if data.len() > UDP_SIZE_LIMIT && transport == Transport::Udp && !transport_chosen {
+            let v4 = matches!(&to, NextHop::Addr(a) if a.is_ipv4())
+                || matches!(to, NextHop::Name { .. });
+            if let Some(tcp) = self
+                .listeners
+                .iter()
+                .position(|l| l.tcp && l.bound.is_ipv4() == v4)
+            {
+                (transport, egress) = (Transport::Tcp, tcp);
+                let mut e = unrewritten;
+                self.rewrite_request(msg, &req, inb, &mut e, transport, egress);
+                data = e.apply(buf, msg.body_range().end);
+            }
+        }
         Action::Forward(Outbound {
             to,
             transport,
             listener: egress,
             conn: None,
-            data: edits.apply(buf, msg.body_range().end),
+            data,
         })
     }
 

@@ -596,3 +596,63 @@ fn ipv6_sources_and_next_hops() {
     assert_eq!(o.to, NextHop::Addr(v6));
     assert!(s.contains("rport=5062;received=2001:db8::5"), "{s}");
 }
+
+#[test]
+fn large_request_to_a_uri_without_transport_switches_to_tcp() {
+    let p = proxy();
+    let big = format!("X-Pad: {}\r\n", "a".repeat(1400));
+    let msg = req(
+        "BYE",
+        &format!("Route: <sip:127.0.0.1:5060;lr>, <sip:192.0.2.99:5080;lr>\r\n{big}"),
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, s) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(o.transport, Transport::Tcp, "RFC 3261 §18.1.1");
+    assert!(s.contains("\r\nVia: SIP/2.0/TCP 127.0.0.1:5060;"));
+    // A configured UDP upstream stays UDP: the operator chose the transport.
+    let (o, _) = forwarded(handle(&p, &req("INVITE", &big), PBX));
+    assert_eq!(o.transport, Transport::Udp);
+    // An explicit transport=udp in the URI is respected too.
+    let explicit = msg.replace("192.0.2.99:5080;lr", "192.0.2.99:5080;transport=udp;lr");
+    let (o, _) = forwarded(handle(&p, &explicit, PBX));
+    assert_eq!(o.transport, Transport::Udp);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Whatever arrives, the core answers with an action and never panics.
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+        let p = proxy();
+        let _ = p.handle(Instant::now(), &Inbound {
+            data: &data,
+            source: PBX.parse().expect("addr"),
+            transport: Transport::Udp,
+            listener: 0,
+            conn: None,
+        });
+    }
+
+    /// Valid messages cut or corrupted at any point never panic the core either.
+    #[test]
+    fn corrupted_messages_never_panic(cut in 0usize..400, at in 0usize..400, byte in proptest::prelude::any::<u8>()) {
+        let p = proxy();
+        for base in [req("INVITE", "Route: <sip:127.0.0.1:5060;lr>\r\n"), response_to(&req("INVITE", ""), 200)] {
+            let mut data = base.into_bytes();
+            if at < data.len() {
+                data[at] = byte;
+            }
+            data.truncate(cut.max(1));
+            for src in [PBX, CARRIER] {
+                let _ = p.handle(Instant::now(), &Inbound {
+                    data: &data,
+                    source: src.parse().expect("addr"),
+                    transport: Transport::Tcp,
+                    listener: 0,
+                    conn: Some(1),
+                });
+            }
+        }
+    }
+}

@@ -326,3 +326,113 @@ async fn tcp_message_without_content_length_gets_400_and_close() {
     assert!(pbx.closed().await);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn idle_tcp_connection_is_closed() {
+    let (pbx_sock, pbx_addr) = TcpPeer::socket();
+    let carrier = UdpPeer::bind().await;
+    let cfg = config(pbx_addr, "tcp", carrier.addr, "udp")
+        .replace("idle_timeout_secs = 30", "idle_timeout_secs = 1");
+    let gate = TestGate::start(&cfg).await;
+    let mut pbx = TcpPeer::connect(pbx_sock, gate.tcp).await;
+    assert!(pbx.closed().await, "closed after the idle timeout");
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_and_the_rest_keep_working() {
+    let (pbx_sock, pbx_addr) = TcpPeer::socket();
+    let carrier = UdpPeer::bind().await;
+    let cfg = config(pbx_addr, "tcp", carrier.addr, "udp")
+        .replace("[tcp]\n", "[tcp]\nmax_connections = 1\n");
+    let gate = TestGate::start(&cfg).await;
+    let mut first = TcpPeer::connect(pbx_sock, gate.tcp).await;
+    // The first connection is registered once a message on it has been handled.
+    first
+        .send(invite(pbx_addr, "TCP", "cap-1", "z9hG4bKcap1", "").as_bytes())
+        .await;
+    assert_eq!(header(&carrier.recv().await.0, "Call-ID"), Some("cap-1"));
+    let (second_sock, _) = TcpPeer::socket();
+    let mut second = TcpPeer::connect(second_sock, gate.tcp).await;
+    assert!(second.closed().await, "over the cap: closed at once");
+    first
+        .send(invite(pbx_addr, "TCP", "cap-2", "z9hG4bKcap2", "").as_bytes())
+        .await;
+    assert_eq!(header(&carrier.recv().await.0, "Call-ID"), Some("cap-2"));
+    assert_eq!(gate.stats.transport_drops(TransportDrop::Capacity), 1);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn outbound_tcp_connection_is_reused() {
+    let pbx = UdpPeer::bind().await;
+    let carrier_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let carrier_addr = carrier_l.local_addr().expect("addr");
+    let gate = TestGate::start(&config(pbx.addr, "udp", carrier_addr, "tcp")).await;
+    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "r-1", "z9hG4bKr1", ""))
+        .await;
+    let mut carrier = TcpPeer::accept(&carrier_l).await;
+    assert_eq!(header(&carrier.recv().await, "Call-ID"), Some("r-1"));
+    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "r-2", "z9hG4bKr2", ""))
+        .await;
+    assert_eq!(
+        header(&carrier.recv().await, "Call-ID"),
+        Some("r-2"),
+        "same connection"
+    );
+    assert_eq!(
+        gate.stats
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    gate.stop().await;
+}
+
+/// IPv6 listeners, sources and Via hosts (skipped where the host has no IPv6 loopback).
+#[tokio::test]
+async fn ipv6_call_over_udp() {
+    let Ok(pbx_sock) = tokio::net::UdpSocket::bind("[::1]:0").await else {
+        eprintln!("no IPv6 loopback here; nothing to test");
+        return;
+    };
+    let pbx = UdpPeer {
+        addr: pbx_sock.local_addr().expect("addr"),
+        sock: pbx_sock,
+    };
+    let carrier_sock = tokio::net::UdpSocket::bind("[::1]:0").await.expect("bind");
+    let carrier = UdpPeer {
+        addr: carrier_sock.local_addr().expect("addr"),
+        sock: carrier_sock,
+    };
+    let cfg = config(pbx.addr, "udp", carrier.addr, "udp").replace("127.0.0.1:0", "[::1]:0");
+    let gate = TestGate::start(&cfg).await;
+    pbx.send(gate.udp, &invite(pbx.addr, "UDP", "v6", "z9hG4bKv6", ""))
+        .await;
+    let (fwd, _) = carrier.recv().await;
+    let vias = headers(&fwd, "Via");
+    assert!(
+        vias[0].starts_with(&format!("SIP/2.0/UDP {};branch=z9hG4bKcg", gate.udp)),
+        "{}",
+        vias[0]
+    );
+    assert_eq!(
+        header(&fwd, "Record-Route"),
+        Some(format!("<sip:{};lr>", gate.udp).as_str())
+    );
+    carrier
+        .send(
+            gate.udp,
+            &respond(
+                &fwd,
+                200,
+                "OK",
+                "c",
+                Some(&format!("sip:c@{}", carrier.addr)),
+            ),
+        )
+        .await;
+    let (ok, _) = pbx.recv().await;
+    assert_eq!(status(&ok), 200);
+    gate.stop().await;
+}
