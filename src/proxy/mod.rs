@@ -320,46 +320,35 @@ impl Proxy {
         }
     }
 
-    /// Answer a message the transport could not accept whole (oversize, unframeable) with
-    /// `code`, when it is a request with a usable Via; otherwise drop it.
+    /// Answer a request that could not be taken whole (malformed, oversize, unframeable) with
+    /// `code`, from what can be read of it; ACKs (§17.2.1), responses (§16.7) and messages with
+    /// no Via at all are dropped instead.
     pub fn refuse_raw(&self, inb: &Inbound<'_>, code: u16, reason: &str) -> Action {
         let Ok(msg) = Message::scan(inb.data) else {
             return Action::Drop(DropReason::NotSip);
         };
-        if msg.is_response() || msg.method() == Some(b"ACK") {
+        if msg.is_response() || msg.method() == Some(b"ACK") || msg.first(HeaderName::Via).is_none()
+        {
             return Action::Drop(DropReason::Unanswerable);
         }
-        match top_via(&msg) {
-            Some(via) => self.reply_with(&msg, &via, inb, code, reason, None),
-            None => Action::Drop(DropReason::Unanswerable),
-        }
+        self.reply_with(&msg, top_via(&msg).as_ref(), inb, code, reason)
     }
 
     fn route_request(&self, msg: &Message<'_>, inb: &Inbound<'_>) -> Action {
         let buf = msg.buf();
-        let is_ack = msg.method() == Some(b"ACK");
+        // RFC 3261 §8.2.2 / §16.3 step 1: a syntax problem earns a 400 naming it.
+        if let Some(d) = msg.defect() {
+            return self.refuse_raw(inb, 400, d.reason());
+        }
         let req = match RequestView::parse(msg) {
             Ok(r) => r,
-            Err(e) => {
-                // Answerable only when a top Via parses (RFC 3261 §8.2.6.2) and it is not an ACK
-                // (§17.2.1: ACK is never answered).
-                let Some(via) = top_via(msg) else {
-                    return Action::Drop(DropReason::Unanswerable);
-                };
-                if is_ack {
-                    return Action::Drop(DropReason::Unanswerable);
-                }
-                let reason = format!("Bad Request ({e})");
-                return self.reply_with(msg, &via, inb, 400, &reason, None);
-            }
+            Err(e) => return self.refuse_raw(inb, 400, &format!("Bad Request ({e})")),
         };
         let via_edits = received_edits(&req.top_via, inb.source);
         match self.validate(msg, &req) {
             Ok(()) => {}
-            Err(r) if req.method == Method::Ack => {
-                let _ = r;
-                return Action::Drop(DropReason::Unanswerable);
-            }
+            // §17.2.1: an ACK is never answered.
+            Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
             Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
         }
         // RFC 3261 §8.2.7/§17.2.1: the ACK for a final response we generated ends here. Our To-tag
@@ -370,10 +359,8 @@ impl Proxy {
         let mut edits = via_edits.clone();
         let hop = match self.next_hop(msg, &req, inb, &mut edits) {
             Ok(h) => h,
-            Err(r) if req.method == Method::Ack => {
-                let _ = r;
-                return Action::Drop(DropReason::Unanswerable);
-            }
+            // §17.2.1: an ACK is never answered.
+            Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
             Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
         };
         // A configured target's transport is the operator's choice; a URI without `transport`
@@ -428,9 +415,6 @@ impl Proxy {
     /// RFC 3261 §16.3 request validation (syntax was checked by the scanner and the view).
     fn validate(&self, msg: &Message<'_>, req: &RequestView) -> Result<(), Refusal> {
         let buf = msg.buf();
-        if let Some(d) = msg.defect() {
-            return Err(refuse(400, d.reason()));
-        }
         // §16.3 step 1 via §8.2.2: only SIP/2.0 is served (RFC 4475 §3.1.2.16 badvers → 505).
         if !msg.version().eq_ignore_ascii_case(b"SIP/2.0") {
             return Err(refuse(505, "Version Not Supported"));
@@ -443,6 +427,10 @@ impl Proxy {
             None => return Err(refuse(400, "Bad Request (Malformed Request-URI)")),
             Some(u) if u.scheme == Scheme::Other => {
                 return Err(refuse(416, "Unsupported URI Scheme"));
+            }
+            // RFC 4475 §3.1.2.11: headers in a Request-URI must never be forwarded or applied.
+            Some(u) if u.headers.is_some() => {
+                return Err(refuse(400, "Bad Request (Headers in Request-URI)"));
             }
             Some(u) if u.scheme == Scheme::Sips => {
                 // We do not serve TLS, so we cannot keep a sips request on a secure path (§26.2.2).
@@ -779,7 +767,11 @@ impl Proxy {
         let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
         h.write_u8(label);
         let via = &req.top_via;
-        match via.branch(buf).filter(|b| b.starts_with(COOKIE.as_bytes())) {
+        // A branch that is only the cookie identifies nothing (RFC 4475 §3.2.1).
+        let branch = via
+            .branch(buf)
+            .filter(|b| b.starts_with(COOKIE.as_bytes()) && b.len() > COOKIE.len());
+        match branch {
             Some(b) => {
                 h.write(b);
                 h.write(&buf[via.host_range.clone()]);
@@ -845,28 +837,24 @@ impl Proxy {
                 extra: &extra,
             },
         );
-        Action::Reply(
-            r.code,
-            self.reply_outbound(&req.top_via, msg.buf(), inb, data),
-        )
+        Action::Reply(r.code, self.reply_outbound(Some(&req.top_via), inb, data))
     }
 
-    /// Answer a request whose headers did not validate, from what can be read of it.
+    /// Answer a request whose headers did not validate, from what can be read of it. With an
+    /// unreadable top Via the answer goes to the transport source as is (RFC 4475 §3.1.2.1).
     fn reply_with(
         &self,
         msg: &Message<'_>,
-        via: &Via,
+        via: Option<&Via>,
         inb: &Inbound<'_>,
         code: u16,
         reason: &str,
-        extra: Option<(&str, &str)>,
     ) -> Action {
-        let buf = msg.buf();
-        let edits = received_edits(via, inb.source);
+        let edits = via.map_or_else(Edits::new, |v| received_edits(v, inb.source));
         let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-        h.write(&buf[via.range.clone()]);
+        h.write(msg.value(HeaderName::Via).unwrap_or_default());
+        h.write(msg.value(HeaderName::CallId).unwrap_or_default());
         let tag = format!("{TAG_PREFIX}{:016x}", h.finish());
-        let extra: Vec<(&str, &str)> = extra.into_iter().collect();
         let data = build_response(
             msg,
             &edits,
@@ -874,21 +862,24 @@ impl Proxy {
                 code,
                 reason,
                 to_tag: &tag,
-                extra: &extra,
+                extra: &[],
             },
         );
-        Action::Reply(code, self.reply_outbound(via, buf, inb, data))
+        Action::Reply(code, self.reply_outbound(via, inb, data))
     }
 
     /// RFC 3261 §18.2.2 with RFC 3581 §4: over a stream, the same connection; over UDP, the
     /// source address with `rport`, else the sent-by port at the source IP (which is what
     /// `received` holds).
-    fn reply_outbound(&self, via: &Via, buf: &[u8], inb: &Inbound<'_>, data: Bytes) -> Outbound {
-        let _ = buf;
-        let port = match (&via.rport, inb.transport) {
-            (_, Transport::Tcp) => inb.source.port(),
-            (Rport::Requested(_), _) => inb.source.port(),
-            _ => via.port.unwrap_or(5060),
+    fn reply_outbound(&self, via: Option<&Via>, inb: &Inbound<'_>, data: Bytes) -> Outbound {
+        let port = match via {
+            _ if inb.transport == Transport::Tcp => inb.source.port(),
+            Some(Via {
+                rport: Rport::Requested(_),
+                ..
+            })
+            | None => inb.source.port(),
+            Some(v) => v.port.unwrap_or(5060),
         };
         Outbound {
             to: NextHop::Addr(SocketAddr::new(inb.source.ip(), port)),

@@ -122,15 +122,25 @@ impl<'a> Message<'a> {
         let start = match parse_start_line(buf, pos..line_end) {
             Some(s) => s,
             None => {
-                // A line that merely looks like SIP (it names the version) is still answerable.
-                if !looks_like_sip(&buf[pos..line_end]) {
+                let line = &buf[pos..line_end];
+                // A line that merely looks like SIP (it names the version) is still indexed: a
+                // request can be answered with 400, a response is dropped (RFC 4475 §3.1.2.19).
+                if !looks_like_sip(line) {
                     return Err(ScanError::NotSip);
                 }
                 defect = Some(Defect::StartLine);
-                StartLine::Request {
-                    method: pos..pos,
-                    uri: pos..pos,
-                    version: pos..pos,
+                if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"SIP/") {
+                    StartLine::Response {
+                        version: pos..pos,
+                        code: 0,
+                        reason: pos..pos,
+                    }
+                } else {
+                    StartLine::Request {
+                        method: pos..pos,
+                        uri: pos..pos,
+                        version: pos..pos,
+                    }
                 }
             }
         };

@@ -44,6 +44,8 @@ pub struct Uri {
     pub port: Option<u16>,
     /// URI parameters.
     pub params: Vec<Param>,
+    /// The `?headers` part (after the `?`), if any.
+    pub headers: Option<Range<usize>>,
 }
 
 impl Uri {
@@ -77,6 +79,7 @@ impl Uri {
             host_range: None,
             port: None,
             params: Vec::new(),
+            headers: None,
         };
         let rest = colon + 1;
         match scheme {
@@ -91,10 +94,16 @@ impl Uri {
                 Some(uri)
             }
             Scheme::Sip | Scheme::Sips => {
-                // userinfo ends at the last '@' before any ';' or '?' of the hostport part; a user
-                // part may itself contain escaped or even literal ';' (RFC 4475 §3.1.1.10 semiuri).
-                let hp_end = memchr::memchr(b'?', &buf[rest..r.end]).map_or(r.end, |i| rest + i);
-                let at = memchr::memrchr(b'@', &buf[rest..hp_end]).map(|i| rest + i);
+                // userinfo ends at the last '@': a user part may contain ';' and '?' (RFC 3261
+                // §25.1 user-unreserved; RFC 4475 §3.1.1.2 intmeth, §3.1.1.9 semiuri), and a
+                // '@' in the headers part must be escaped.
+                let at = memchr::memrchr(b'@', &buf[rest..r.end]).map(|i| rest + i);
+                let after_user = at.map_or(rest, |a| a + 1);
+                let hp_end =
+                    memchr::memchr(b'?', &buf[after_user..r.end]).map_or(r.end, |i| after_user + i);
+                if hp_end < r.end {
+                    uri.headers = Some(hp_end + 1..r.end);
+                }
                 let host_start = match at {
                     Some(at) => {
                         let user_end =
@@ -233,5 +242,14 @@ mod tests {
         let s = "tel:+15551234;phone-context=x";
         assert_eq!(uri(s).unwrap().user(s.as_bytes()), Some(&b"+15551234"[..]));
         assert!(uri("1sip:x").is_none());
+    }
+
+    #[test]
+    fn question_marks_in_the_user_part_and_headers() {
+        let s = "sip:crazy?,/;;*:&i@example.com;lr?Route=%3Csip:x%3E";
+        let u = uri(s).unwrap();
+        assert_eq!(u.user(s.as_bytes()), Some(&b"crazy?,/;;*"[..]));
+        assert!(u.is_loose(s.as_bytes()));
+        assert_eq!(&s[u.headers.unwrap()], "Route=%3Csip:x%3E");
     }
 }

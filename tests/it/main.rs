@@ -1,7 +1,10 @@
 //! Integration tests: one binary. `harness` starts the gate in-process on ephemeral loopback
 //! ports with fake PBX and carrier peers.
 
-mod harness;
+mod differential;
 mod flows;
+mod harness;
 mod interop;
+mod roundtrip;
 mod smoke;
+mod torture;
