@@ -38,6 +38,9 @@ match = { sources = ["10.0.0.0/24"] }
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("invite");
     g.throughput(Throughput::Elements(1));
+    g.bench_function("cpsgate_scan", |b| {
+        b.iter(|| Message::scan(std::hint::black_box(INVITE.as_bytes())).expect("scans"))
+    });
     g.bench_function("cpsgate_scan_and_view", |b| {
         b.iter(|| {
             let m = Message::scan(std::hint::black_box(INVITE.as_bytes())).expect("scans");
