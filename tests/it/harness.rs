@@ -1,8 +1,6 @@
 //! Test harness: a gate started in-process on ephemeral loopback ports, fake SIP peers over UDP
 //! and TCP, and small message builders that do not use the code under test.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,10 +134,6 @@ impl UdpPeer {
         self.sock.send_to(msg.as_bytes(), to).await.expect("send");
     }
 
-    pub async fn send_bytes(&self, to: SocketAddr, msg: &[u8]) {
-        self.sock.send_to(msg, to).await.expect("send");
-    }
-
     /// The next datagram; panics after [`WAIT`].
     pub async fn recv(&self) -> (String, SocketAddr) {
         let mut buf = vec![0u8; 65_535];
@@ -154,7 +148,6 @@ impl UdpPeer {
 /// A TCP peer connected to somewhere, reading framed messages.
 pub struct TcpPeer {
     pub stream: TcpStream,
-    pub local: SocketAddr,
     buf: BytesMut,
 }
 
@@ -170,10 +163,8 @@ impl TcpPeer {
 
     pub async fn connect(s: TcpSocket, to: SocketAddr) -> Self {
         let stream = s.connect(to).await.expect("connect");
-        let local = stream.local_addr().expect("addr");
         Self {
             stream,
-            local,
             buf: BytesMut::new(),
         }
     }
@@ -183,10 +174,8 @@ impl TcpPeer {
             .await
             .expect("the gate connects in time")
             .expect("accept");
-        let local = stream.local_addr().expect("addr");
         Self {
             stream,
-            local,
             buf: BytesMut::new(),
         }
     }
@@ -304,11 +293,4 @@ pub fn respond(req: &str, code: u16, reason: &str, to_tag: &str, contact: Option
     }
     out.push_str("Content-Length: 0\r\n\r\n");
     out
-}
-
-/// The URI inside the first `<…>` of a header value.
-pub fn uri_of(value: &str) -> &str {
-    let s = value.find('<').map_or(0, |i| i + 1);
-    let e = value[s..].find('>').map_or(value.len(), |i| s + i);
-    &value[s..e]
 }
