@@ -164,6 +164,16 @@ impl Routes {
         Origin::Unknown
     }
 
+    /// The first trunk whose source networks hold `src`, ignoring its other criteria; trunks
+    /// without source networks are skipped. Used for CANCEL and non-2xx ACK, which carry neither
+    /// credentials nor the INVITE's extension headers.
+    pub fn classify_by_source(&self, src: SocketAddr) -> Origin {
+        self.trunks
+            .iter()
+            .position(|t| t.matcher.sources.iter().any(|n| n.matches(src)))
+            .map_or(Origin::Unknown, Origin::Trunk)
+    }
+
     /// The trunks, in match order.
     pub fn trunks(&self) -> &[Trunk] {
         &self.trunks

@@ -17,8 +17,8 @@ use siphasher::sip::SipHasher13;
 use crate::config::{Config, Target, UnknownSources};
 use crate::routing::{Origin, Routes};
 use crate::sip::{
-    Edits, Element, HeaderName, Host, Message, Method, RequestView, ResponseSpec, Rport, Scheme,
-    Transport, Uri, Via, build_response, elements, remove_element,
+    Edits, HeaderName, Host, Message, Method, RequestView, ResponseSpec, Rport, Scheme, Transport,
+    Uri, Via, build_response, elements, remove_element, remove_elements,
 };
 
 /// RFC 3261 §8.1.1.7 magic cookie.
@@ -455,7 +455,21 @@ impl Proxy {
         Ok(())
     }
 
-    /// RFC 3261 §16.4 route preprocessing and next-hop choice.
+    /// Who sent the request. CANCEL and the ACK of a non-2xx answer carry none of the INVITE's
+    /// credentials or extension headers (RFC 3261 §9.1, §17.1.1.3), so when they match no trunk
+    /// they fall back to the first trunk whose source networks hold the sender.
+    fn origin(&self, msg: &Message<'_>, req: &RequestView, inb: &Inbound<'_>) -> Origin {
+        match self.routes.classify(inb.source, msg, req) {
+            Origin::Unknown if matches!(req.method, Method::Cancel | Method::Ack) => {
+                self.routes.classify_by_source(inb.source)
+            }
+            o => o,
+        }
+    }
+
+    /// RFC 3261 §16.4 route preprocessing and the next-hop choice. Source policy comes first
+    /// (RFC 3261 §26.1: no open relay): an unknown source is refused before any Route or
+    /// Request-URI is looked at.
     fn next_hop(
         &self,
         msg: &Message<'_>,
@@ -464,83 +478,112 @@ impl Proxy {
         edits: &mut Edits,
     ) -> Result<Hop, Refusal> {
         let buf = msg.buf();
-        let mut routes: Vec<(Element, Option<Uri>)> = req
+        let origin = self.origin(msg, req, inb);
+        if origin == Origin::Unknown && self.unknown_sources == UnknownSources::Reject {
+            return Err(refuse(403, "Forbidden"));
+        }
+        let routes: Vec<Uri> = req
             .routes
             .iter()
             .map(|e| {
-                let uri = crate::sip::NameAddr::parse(buf, e.value.clone())
+                crate::sip::NameAddr::parse(buf, e.value.clone())
                     .ok()
-                    .and_then(|n| n.parse_uri(buf));
-                (e.clone(), uri)
+                    .and_then(|n| n.parse_uri(buf))
             })
-            .collect();
-        if routes.iter().any(|(_, u)| u.is_none()) {
-            return Err(refuse(400, "Bad Request (Malformed Route)"));
-        }
-        let mut routed_to_us = false;
+            .collect::<Option<_>>()
+            .ok_or(refuse(400, "Bad Request (Malformed Route)"))?;
+        let ruri_range = msg
+            .request_uri_range()
+            .expect("requests have a Request-URI");
+        let mut ruri = Uri::parse(buf, ruri_range.clone()).expect("validated");
+        let mut removed = Vec::new();
+        let mut usable = routes.len();
         let mut egress = None;
-        let mut ruri =
-            Uri::parse(buf, msg.request_uri_range().expect("request")).expect("validated");
-        // §16.4: a strict router before us put our Record-Route URI in the Request-URI and the
-        // real target in the last Route; restore it and drop that Route.
-        if self.is_us(buf, &ruri).is_some() && !routes.is_empty() {
-            let (_, uri) = routes.pop().expect("non-empty");
-            let uri = uri.expect("checked above");
-            edits.replace(
-                msg.request_uri_range().expect("request"),
-                buf[uri.range.clone()].to_vec(),
-            );
-            remove_element(msg, &req.routes, req.routes.len() - 1, edits);
-            ruri = uri;
-            routed_to_us = true;
+        // §16.4: a strict router before us put one of our Record-Route URIs (no user part) in the
+        // Request-URI and the real target in the last Route: restore it and drop that Route.
+        if ruri.user.is_none()
+            && !routes.is_empty()
+            && self.is_us(buf, &routes[0]).is_none()
+            && let Some(l) = self.is_us(buf, &ruri)
+        {
+            usable -= 1;
+            let last = routes[usable].clone();
+            edits.replace(ruri_range.clone(), buf[last.range.clone()].to_vec());
+            removed.push(usable);
+            ruri = last;
+            egress = Some(l);
         }
-        // §16.4: remove a top Route that points at us; with double record-routing (one entry
-        // per interface or transport) the second one names the egress listener.
+        // §16.4: remove a top Route that is us; with double record-routing (one entry per
+        // interface or transport) there are two, and the last one names the egress listener.
         let mut popped = 0;
-        while popped < 2 && popped < routes.len() {
-            let uri = routes[popped].1.as_ref().expect("checked above");
-            match self.is_us(buf, uri) {
+        while popped < 2 && popped < usable {
+            match self.is_us(buf, &routes[popped]) {
                 Some(l) => {
-                    remove_element(msg, &req.routes, popped, edits);
-                    if popped == 1 || egress.is_none() {
-                        egress = (popped == 1).then_some(l);
-                    }
+                    removed.push(popped);
+                    egress = Some(l);
                     popped += 1;
-                    routed_to_us = true;
                 }
                 None => break,
             }
         }
-        if routed_to_us {
-            // In-dialog (or pre-routed) request: follow the Route set, else the Request-URI.
-            let next = routes
-                .get(popped)
-                .and_then(|(_, u)| u.clone())
-                .unwrap_or(ruri);
-            if self.is_us(buf, &next).is_some() {
-                return Err(refuse(482, "Loop Detected"));
+        let routed_to_us = !removed.is_empty();
+        // Initial requests, CANCEL, the ACK of a non-2xx answer and requests not routed through
+        // us go by origin, so a CANCEL and its ACK reach the INVITE's destination (§16.11).
+        if !routed_to_us || req.to_tag(buf).is_none() || req.method == Method::Cancel {
+            remove_elements(msg, &req.routes, &removed, edits);
+            return match origin {
+                Origin::Carrier(_) => self
+                    .pbx
+                    .map(Hop::Target)
+                    .ok_or(refuse(403, "Forbidden (No PBX Destination)")),
+                Origin::Trunk(t) => Ok(Hop::Target(
+                    self.upstreams[self.routes.trunks()[t].upstream],
+                )),
+                Origin::Unknown => self
+                    .default_upstream
+                    .map(|u| Hop::Target(self.upstreams[u]))
+                    .ok_or(refuse(403, "Forbidden")),
+            };
+        }
+        // In-dialog request routed through us: the rest of the route set, else the Request-URI.
+        let next = match routes[..usable].get(popped) {
+            Some(first) if !first.is_loose(buf) => {
+                // §16.6 step 7: the next hop is a strict router: the Request-URI becomes the last
+                // Route value and the first Route value becomes the Request-URI.
+                let last_line = &msg.headers()[req.routes[usable - 1].header].line;
+                let old_ruri = String::from_utf8_lossy(&buf[ruri_range.clone()]).into_owned();
+                edits.insert(last_line.end, format!("Route: <{old_ruri}>\r\n"));
+                edits.replace(ruri_range, buf[first.range.clone()].to_vec());
+                removed.push(popped);
+                first.clone()
             }
-            return Ok(Hop::Uri(next, egress));
+            Some(first) => first.clone(),
+            None => ruri,
+        };
+        remove_elements(msg, &req.routes, &removed, edits);
+        if self.is_us(buf, &next).is_some() {
+            return Err(refuse(482, "Loop Detected"));
         }
-        if let Some((_, Some(first))) = routes.first() {
-            // A pre-loaded Route set that does not start with us (§16.6 step 6 / §16.12): follow it.
-            return Ok(Hop::Uri(first.clone(), None));
+        if origin == Origin::Unknown && !self.is_configured_target(buf, &next) {
+            // `unknown_sources = "forward"` opens the default upstream, not the whole network.
+            return Err(refuse(403, "Forbidden"));
         }
-        // Addressed to us directly: route by origin (initial requests, CANCEL and non-2xx ACK of
-        // forwarded INVITEs land here, so they reach the same destination, §16.11).
-        match self.routes.classify(inb.source, msg, req) {
-            Origin::Carrier(_) => self
-                .pbx
-                .map(Hop::Target)
-                .ok_or(refuse(403, "Forbidden (No PBX Destination)")),
-            Origin::Trunk(t) => Ok(Hop::Target(
-                self.upstreams[self.routes.trunks()[t].upstream],
-            )),
-            Origin::Unknown => match (self.unknown_sources, self.default_upstream) {
-                (UnknownSources::Forward, Some(u)) => Ok(Hop::Target(self.upstreams[u])),
-                _ => Err(refuse(403, "Forbidden")),
-            },
-        }
+        Ok(Hop::Uri(next, egress))
+    }
+
+    /// True when a URI points at a configured upstream or the PBX.
+    fn is_configured_target(&self, buf: &[u8], uri: &Uri) -> bool {
+        let Some(Host::Ip(ip)) = uri.host else {
+            return false;
+        };
+        let addr = SocketAddr::new(ip, uri.port.unwrap_or(5060));
+        self.upstreams
+            .iter()
+            .chain(self.pbx.iter())
+            .any(|t| t.addr == addr)
+            && uri
+                .transport(buf)
+                .is_none_or(|t| t == Transport::Udp || t == Transport::Tcp)
     }
 
     /// Resolve a URI next hop: address, transport and egress listener (RFC 3263 without DNS

@@ -656,3 +656,136 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn unknown_sources_cannot_relay_through_a_route_set() {
+    let p = proxy();
+    let stranger = "203.0.113.9:5060";
+    // Pretending to be in a dialog routed through us, or preloading a Route to the carrier.
+    let via_us = req("INVITE", "Route: <sip:127.0.0.1:5060;lr>\r\n").replace(
+        "INVITE sip:+15551234567@carrier.example",
+        "INVITE sip:+882123@192.0.2.80",
+    );
+    let preloaded = req("INVITE", "Route: <sip:192.0.2.80;lr>\r\n");
+    let in_dialog = req(
+        "BYE",
+        "Route: <sip:127.0.0.1:5060;lr>, <sip:10.0.0.7:6379;transport=tcp;lr>\r\n",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    for msg in [via_us, preloaded, in_dialog] {
+        let (code, _, _) = replied(handle(&p, &msg, stranger));
+        assert_eq!(code, 403, "{msg}");
+    }
+}
+
+#[test]
+fn forwarded_unknown_sources_reach_only_configured_targets() {
+    let cfg = CFG.replace(
+        "unknown_sources = \"reject\"",
+        "unknown_sources = \"forward\"\ndefault_upstream = \"carrier\"",
+    );
+    let p = proxy_with(&cfg);
+    let stranger = "203.0.113.9:5060";
+    let internal = req(
+        "BYE",
+        "Route: <sip:127.0.0.1:5060;lr>, <sip:10.0.0.7:6379;lr>\r\n",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (code, _, _) = replied(handle(&p, &internal, stranger));
+    assert_eq!(code, 403);
+    let to_carrier = internal.replace("10.0.0.7:6379", "192.0.2.80:5060");
+    let (o, _) = forwarded(handle(&p, &to_carrier, stranger));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+}
+
+#[test]
+fn initial_request_from_a_trunk_preloading_our_route_goes_to_the_trunk_upstream() {
+    let p = proxy();
+    // A PBX using the gate as outbound proxy: R-URI names the callee, Route names us.
+    let msg = req("INVITE", "Route: <sip:127.0.0.1:5060;lr>\r\n");
+    let (o, s) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    assert!(!s.contains("\r\nRoute:"), "{s}");
+    assert!(s.starts_with("INVITE sip:+15551234567@carrier.example SIP/2.0\r\n"));
+    // Our address in the R-URI with a user part is not a strict router's doing.
+    let msg = req("INVITE", "Route: <sip:127.0.0.1:5060;lr>\r\n").replace(
+        "INVITE sip:+15551234567@carrier.example",
+        "INVITE sip:+15551234567@127.0.0.1:5060",
+    );
+    let (o, s) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    assert!(s.starts_with("INVITE sip:+15551234567@127.0.0.1:5060 SIP/2.0\r\n"));
+}
+
+#[test]
+fn both_of_our_routes_on_one_comma_joined_line_are_removed() {
+    let p = proxy();
+    let msg = req(
+        "BYE",
+        "Route: <sip:192.0.2.10:5060;lr>, <sip:127.0.0.1:5060;lr>\r\n",
+    )
+    .replace(
+        "BYE sip:+15551234567@carrier.example",
+        "BYE sip:pbx@127.0.0.1:5070",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, s) = forwarded(handle(&p, &msg, CARRIER));
+    assert!(!s.contains("Route:"), "{s}");
+    assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
+    assert_eq!(o.listener, 0);
+}
+
+#[test]
+fn a_single_route_names_the_egress_listener() {
+    let p = proxy();
+    let msg = req("BYE", "Route: <sip:192.0.2.10:5060;lr>\r\n")
+        .replace(
+            "BYE sip:+15551234567@carrier.example",
+            "BYE sip:c@192.0.2.80",
+        )
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, _) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(o.listener, 1);
+}
+
+#[test]
+fn cancel_without_the_invites_headers_reaches_the_same_upstream() {
+    let cfg = CFG.replace(
+        "match = { header = { name = \"X-Trunk\", value = \"blue\" } }",
+        "match = { sources = [\"198.51.100.0/24\"], header = { name = \"X-Trunk\", value = \"blue\" } }",
+    );
+    let p = proxy_with(&cfg);
+    let src = "198.51.100.1:5060";
+    let (inv, _) = forwarded(handle(&p, &req("INVITE", "X-Trunk: blue\r\n"), src));
+    let (cancel, _) = forwarded(handle(&p, &req("CANCEL", ""), src));
+    assert_eq!(cancel.to, inv.to);
+    let ack = req("ACK", "").replace("carrier.example>\r\nCall", "carrier.example>;tag=r\r\nCall");
+    let (ack, _) = forwarded(handle(&p, &ack, src));
+    assert_eq!(ack.to, inv.to);
+}
+
+#[test]
+fn strict_next_hop_gets_the_request_uri_as_its_last_route() {
+    let p = proxy();
+    // §16.6 step 7: the next Route lacks ;lr.
+    let msg = req(
+        "BYE",
+        "Route: <sip:127.0.0.1:5060;lr>, <sip:192.0.2.99:5080>\r\nRoute: <sip:192.0.2.98;lr>\r\n",
+    )
+    .replace(
+        "BYE sip:+15551234567@carrier.example",
+        "BYE sip:callee@192.0.2.50",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, s) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(
+        o.to,
+        NextHop::Addr("192.0.2.99:5080".parse().expect("addr"))
+    );
+    assert!(s.starts_with("BYE sip:192.0.2.99:5080 SIP/2.0\r\n"), "{s}");
+    assert!(
+        s.contains("\r\nRoute: <sip:192.0.2.98;lr>\r\nRoute: <sip:callee@192.0.2.50>\r\n"),
+        "{s}"
+    );
+    assert!(!s.contains("5060;lr>"), "our Route removed: {s}");
+}

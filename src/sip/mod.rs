@@ -49,20 +49,44 @@ pub fn elements(msg: &Message<'_>, name: HeaderName) -> Vec<Element> {
     out
 }
 
-/// Record the removal of element `at` of `list`: the whole line when it is the line's only
-/// element, otherwise the element and one adjoining comma.
-pub fn remove_element(msg: &Message<'_>, list: &[Element], at: usize, edits: &mut Edits) {
-    let e = &list[at];
-    let h = &msg.headers()[e.header];
-    if e.count == 1 {
-        edits.remove(h.line.clone());
-    } else if e.index + 1 < e.count {
-        // Remove up to the start of the next element on the same line.
-        edits.remove(e.value.start..list[at + 1].value.start);
-    } else {
-        // Last on its line: remove from the end of the previous element.
-        edits.remove(list[at - 1].value.end..e.value.end);
+/// Record the removal of the elements `at` (indices into `list`, any order). Per header line:
+/// the whole line when every element on it goes; otherwise each run of removed elements with one
+/// adjoining comma, so several removals on one comma-joined line never overlap.
+pub fn remove_elements(msg: &Message<'_>, list: &[Element], at: &[usize], edits: &mut Edits) {
+    let gone = |i: usize| at.contains(&i);
+    let mut i = 0;
+    while i < list.len() {
+        let line_start = i;
+        let line_end = i + list[i].count;
+        if (line_start..line_end).all(gone) {
+            edits.remove(msg.headers()[list[i].header].line.clone());
+            i = line_end;
+            continue;
+        }
+        while i < line_end {
+            if !gone(i) {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < line_end && gone(i) {
+                i += 1;
+            }
+            let range = if i < line_end {
+                // Up to the start of the next kept element.
+                list[run_start].value.start..list[i].value.start
+            } else {
+                // The run ends the line: from the end of the kept element before it.
+                list[run_start - 1].value.end..list[i - 1].value.end
+            };
+            edits.remove(range);
+        }
     }
+}
+
+/// Record the removal of element `at` of `list` (see [`remove_elements`]).
+pub fn remove_element(msg: &Message<'_>, list: &[Element], at: usize, edits: &mut Edits) {
+    remove_elements(msg, list, &[at], edits);
 }
 
 /// The method of a request as a small enum for the proxy's branches; extension methods are
@@ -262,6 +286,37 @@ mod tests {
         assert_eq!(
             drop_one(2),
             "BYE sip:x SIP/2.0\r\nRoute: <sip:a;lr>, <sip:b;lr>\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn removing_several_elements_of_one_line_never_overlaps() {
+        let raw = b"BYE sip:x SIP/2.0\r\nRoute: <sip:a;lr>, <sip:b;lr>, <sip:c;lr>\r\nRoute: <sip:d>\r\n\r\n";
+        let m = Message::scan(raw).unwrap();
+        let list = elements(&m, HeaderName::Route);
+        let drop = |at: &[usize]| {
+            let mut e = Edits::new();
+            remove_elements(&m, &list, at, &mut e);
+            let out = e.apply(raw, raw.len());
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        let head = "BYE sip:x SIP/2.0\r\n";
+        assert_eq!(
+            drop(&[0, 1]),
+            format!("{head}Route: <sip:c;lr>\r\nRoute: <sip:d>\r\n\r\n")
+        );
+        assert_eq!(
+            drop(&[1, 2]),
+            format!("{head}Route: <sip:a;lr>\r\nRoute: <sip:d>\r\n\r\n")
+        );
+        assert_eq!(
+            drop(&[0, 2]),
+            format!("{head}Route: <sip:b;lr>\r\nRoute: <sip:d>\r\n\r\n")
+        );
+        assert_eq!(drop(&[0, 1, 2, 3]), format!("{head}\r\n"));
+        assert_eq!(
+            drop(&[2, 3]),
+            format!("{head}Route: <sip:a;lr>, <sip:b;lr>\r\n\r\n")
         );
     }
 
