@@ -17,8 +17,8 @@ use siphasher::sip::SipHasher13;
 use crate::config::{Config, Target, UnknownSources};
 use crate::routing::{Origin, Routes};
 use crate::sip::{
-    Edits, HeaderName, Host, Message, Method, RequestView, ResponseSpec, Rport, Scheme, Transport,
-    Uri, Via, build_response, elements, remove_element, remove_elements,
+    Edits, HeaderName, Host, Message, Method, NameAddr, RequestView, ResponseSpec, Rport, Scheme,
+    Transport, Uri, Via, build_response, elements, remove_element, remove_elements,
 };
 
 /// RFC 3261 §8.1.1.7 magic cookie.
@@ -154,6 +154,20 @@ pub struct LocalListener {
 }
 
 impl LocalListener {
+    /// True when `ip` reaches this listener: its bound or advertised address, or, for a
+    /// listener bound to every interface, loopback.
+    fn is_own_ip(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        canonical_ip(self.bound.ip()) == ip
+            || self.host.trim_start_matches('[').trim_end_matches(']') == ip.to_string()
+            || (self.bound.ip().is_unspecified() && ip.is_loopback())
+    }
+
+    /// True when sending to `a` would reach this listener.
+    fn is_self(&self, a: SocketAddr) -> bool {
+        (a.port() == self.bound.port() || a.port() == self.port) && self.is_own_ip(a.ip())
+    }
+
     fn serves(&self, t: Transport) -> bool {
         match t {
             Transport::Udp => self.udp,
@@ -186,6 +200,14 @@ pub enum BuildError {
         /// Resolver message.
         reason: String,
     },
+    /// A configured target is one of our own listeners, or an address never sent to.
+    #[error("{what}: {addr} is this proxy itself or an address cpsgate never sends to")]
+    SelfTarget {
+        /// Which target.
+        what: String,
+        /// Target address.
+        addr: SocketAddr,
+    },
     /// No listener can send to a configured target.
     #[error("{what}: no [[listen]] serves {transport} for {addr}")]
     NoListener {
@@ -214,8 +236,8 @@ pub struct Proxy {
 
 /// How a request is routed after route preprocessing.
 enum Hop {
-    /// A URI (remaining Route or the Request-URI); `egress` is a listener named by a second
-    /// Record-Route entry of ours (double record-routing).
+    /// A URI (remaining Route or the Request-URI); `egress` is the listener named by the last
+    /// Route entry of ours that was removed.
     Uri(Uri, Option<usize>),
     /// A configured destination.
     Target(Resolved),
@@ -247,6 +269,9 @@ impl Proxy {
                 port: t.port,
                 reason,
             })?;
+            if !is_safe_destination(addr) || listeners.iter().any(|l| l.is_self(addr)) {
+                return Err(BuildError::SelfTarget { what, addr });
+            }
             let fits =
                 |l: &LocalListener| l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4();
             let listener = match t.listener {
@@ -327,8 +352,12 @@ impl Proxy {
         let Ok(msg) = Message::scan(inb.data) else {
             return Action::Drop(DropReason::NotSip);
         };
-        if msg.is_response() || msg.method() == Some(b"ACK") || msg.first(HeaderName::Via).is_none()
-        {
+        // The first token decides even when the start line is malformed (`ACK  sip:x`).
+        let first_token = msg.buf()[msg.start_line_range()]
+            .split(|&b| b == b' ')
+            .next()
+            .unwrap_or_default();
+        if msg.is_response() || first_token == b"ACK" || msg.first(HeaderName::Via).is_none() {
             return Action::Drop(DropReason::Unanswerable);
         }
         self.reply_with(&msg, top_via(&msg).as_ref(), inb, code, reason)
@@ -353,7 +382,9 @@ impl Proxy {
         }
         // RFC 3261 §8.2.7/§17.2.1: the ACK for a final response we generated ends here. Our To-tag
         // is a keyed hash of the transaction, so no state is needed to recognise it.
-        if req.method == Method::Ack && req.to_tag(buf) == Some(self.to_tag(msg, &req).as_bytes()) {
+        if req.method == Method::Ack
+            && req.to_tag(buf) == Some(self.to_tag(msg, &req.top_via).as_bytes())
+        {
             return Action::Absorb;
         }
         let mut edits = via_edits.clone();
@@ -721,6 +752,13 @@ impl Proxy {
         let Ok(next) = Via::parse(buf, next.value.clone()) else {
             return Action::Drop(DropReason::BadResponse);
         };
+        // Our branch is a keyed hash of the Via below it: a response forged around a Via that
+        // merely looks like ours is not relayed (only checkable when that Via has the cookie).
+        if let Some(h) = self.cookie_hash(b'b', buf, &next)
+            && top.branch(buf) != Some(format!("{BRANCH_PREFIX}{h:016x}").as_bytes())
+        {
+            return Action::Drop(DropReason::ForeignVia);
+        }
         let listener = top
             .param(buf, b"ln")
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
@@ -741,6 +779,14 @@ impl Proxy {
         }
         let mut edits = Edits::new();
         remove_element(msg, &vias, 0, &mut edits);
+        // RFC 3261 §18.3: a response that came over UDP without Content-Length needs one on a
+        // stream.
+        if transport == Transport::Tcp && msg.first(HeaderName::ContentLength).is_none() {
+            edits.insert(
+                msg.headers_end(),
+                format!("Content-Length: {}\r\n", msg.body_range().len()),
+            );
+        }
         Action::Forward(Outbound {
             to,
             transport,
@@ -776,10 +822,7 @@ impl Proxy {
     fn local_listener(&self, buf: &[u8], host: &Host, port: u16) -> Option<usize> {
         self.listeners.iter().position(|l| {
             let host_ok = match host {
-                Host::Ip(ip) => {
-                    l.bound.ip() == *ip
-                        || l.host.trim_start_matches('[').trim_end_matches(']') == ip.to_string()
-                }
+                Host::Ip(ip) => l.is_own_ip(*ip),
                 Host::Name(r) => {
                     let name = &buf[r.clone()];
                     name.eq_ignore_ascii_case(l.host.as_bytes())
@@ -793,44 +836,55 @@ impl Proxy {
         })
     }
 
-    /// Never send to port 0, an unspecified, broadcast or multicast address, or ourselves.
-    fn is_safe(&self, a: SocketAddr) -> bool {
-        let ip = a.ip();
-        let bad_ip = ip.is_unspecified()
-            || ip.is_multicast()
-            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-        !(a.port() == 0 || bad_ip || self.listeners.iter().any(|l| l.bound == a))
+    /// Never send to port 0, an unspecified, broadcast, multicast or link-local address (cloud
+    /// metadata services live at 169.254.169.254), or ourselves.
+    pub fn is_safe(&self, a: SocketAddr) -> bool {
+        is_safe_destination(a) && !self.listeners.iter().any(|l| l.is_self(a))
+    }
+
+    /// The branch key of a Via whose branch carries the magic cookie (and more than it: a bare
+    /// cookie identifies nothing, RFC 4475 §3.2.1).
+    fn cookie_hash(&self, label: u8, buf: &[u8], via: &Via) -> Option<u64> {
+        let b = via
+            .branch(buf)
+            .filter(|b| b.starts_with(COOKIE.as_bytes()) && b.len() > COOKIE.len())?;
+        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write_u8(label);
+        h.write(b);
+        h.write(&buf[via.host_range.clone()]);
+        h.write_u16(via.port.unwrap_or(0));
+        Some(h.finish())
     }
 
     /// A keyed hash of the fields that stay the same across retransmissions of one request and
     /// the CANCEL and non-2xx ACK that belong to it (RFC 3261 §16.11; Kamailio excludes the
-    /// To-tag for INVITE/ACK/CANCEL for the same reason).
-    fn transaction_hash(&self, label: u8, msg: &Message<'_>, req: &RequestView) -> u64 {
+    /// To-tag for INVITE/ACK/CANCEL for the same reason). Reads the fields leniently, so a
+    /// request that failed validation gets the same key as its well-formed ACK.
+    fn transaction_hash(&self, label: u8, msg: &Message<'_>, via: &Via) -> u64 {
         let buf = msg.buf();
+        if let Some(h) = self.cookie_hash(label, buf, via) {
+            return h;
+        }
+        // RFC 2543 peer: the top Via, From-tag, Call-ID, CSeq number and Request-URI.
+        let tag_of = |name| {
+            msg.first(name)
+                .and_then(|h| NameAddr::parse(buf, h.value.clone()).ok())
+                .and_then(|n| n.tag(buf).map(<[u8]>::to_vec))
+                .unwrap_or_default()
+        };
+        let method = Method::from_bytes(msg.method().unwrap_or_default());
         let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
         h.write_u8(label);
-        let via = &req.top_via;
-        // A branch that is only the cookie identifies nothing (RFC 4475 §3.2.1).
-        let branch = via
-            .branch(buf)
-            .filter(|b| b.starts_with(COOKIE.as_bytes()) && b.len() > COOKIE.len());
-        match branch {
-            Some(b) => {
-                h.write(b);
-                h.write(&buf[via.host_range.clone()]);
-                h.write_u16(via.port.unwrap_or(0));
-            }
-            None => {
-                // RFC 2543 peer: hash the top Via, From-tag, Call-ID, CSeq number and R-URI.
-                h.write(&buf[via.range.clone()]);
-                h.write(req.from_tag(buf).unwrap_or_default());
-                h.write(req.call_id(buf));
-                h.write_u32(req.cseq.as_ref().map_or(0, |c| c.0));
-                h.write(msg.request_uri().unwrap_or_default());
-                if !matches!(req.method, Method::Invite | Method::Ack | Method::Cancel) {
-                    h.write(req.to_tag(buf).unwrap_or_default());
-                }
-            }
+        h.write(&buf[via.range.clone()]);
+        h.write(&tag_of(HeaderName::From));
+        h.write(msg.value(HeaderName::CallId).unwrap_or_default());
+        let cseq = msg
+            .value(HeaderName::CSeq)
+            .and_then(|v| crate::sip::header::parse_cseq(v).ok());
+        h.write_u32(cseq.map_or(0, |c| c.0));
+        h.write(msg.request_uri().unwrap_or_default());
+        if !matches!(method, Method::Invite | Method::Ack | Method::Cancel) {
+            h.write(&tag_of(HeaderName::To));
         }
         h.finish()
     }
@@ -839,17 +893,17 @@ impl Proxy {
     pub fn branch(&self, msg: &Message<'_>, req: &RequestView) -> String {
         format!(
             "{BRANCH_PREFIX}{:016x}",
-            self.transaction_hash(b'b', msg, req)
+            self.transaction_hash(b'b', msg, &req.top_via)
         )
     }
 
-    /// The To-tag of our own responses to this request (RFC 3261 §8.2.7: the same request
-    /// always gets the same tag).
-    pub fn to_tag(&self, msg: &Message<'_>, req: &RequestView) -> String {
-        let mut h = self.transaction_hash(b't', msg, req);
+    /// The To-tag of our own responses to a request with this top Via (RFC 3261 §8.2.7: the same
+    /// request always gets the same tag).
+    pub fn to_tag(&self, msg: &Message<'_>, via: &Via) -> String {
+        let mut h = self.transaction_hash(b't', msg, via);
         h ^= {
             let mut c = SipHasher13::new_with_keys(self.keys.1, self.keys.0);
-            c.write(req.call_id(msg.buf()));
+            c.write(msg.value(HeaderName::CallId).unwrap_or_default());
             c.finish()
         };
         format!("{TAG_PREFIX}{h:016x}")
@@ -863,7 +917,7 @@ impl Proxy {
         inb: &Inbound<'_>,
         r: Refusal,
     ) -> Action {
-        let tag = self.to_tag(msg, req);
+        let tag = self.to_tag(msg, &req.top_via);
         let extra: Vec<(&str, &str)> = r
             .extra
             .as_ref()
@@ -894,10 +948,15 @@ impl Proxy {
         reason: &str,
     ) -> Action {
         let edits = via.map_or_else(Edits::new, |v| received_edits(v, inb.source));
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-        h.write(msg.value(HeaderName::Via).unwrap_or_default());
-        h.write(msg.value(HeaderName::CallId).unwrap_or_default());
-        let tag = format!("{TAG_PREFIX}{:016x}", h.finish());
+        let tag = match via {
+            Some(v) => self.to_tag(msg, v),
+            None => {
+                let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+                h.write(msg.value(HeaderName::Via).unwrap_or_default());
+                h.write(msg.value(HeaderName::CallId).unwrap_or_default());
+                format!("{TAG_PREFIX}{:016x}", h.finish())
+            }
+        };
         let data = build_response(
             msg,
             &edits,
@@ -932,6 +991,21 @@ impl Proxy {
             data,
         }
     }
+}
+
+/// Addresses no message may go to, whoever asks: port 0, unspecified, broadcast, multicast and
+/// link-local addresses.
+fn is_safe_destination(a: SocketAddr) -> bool {
+    let ip = canonical_ip(a.ip());
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    let bad_ip = ip.is_unspecified()
+        || ip.is_multicast()
+        || link_local
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    a.port() != 0 && !bad_ip
 }
 
 /// The top Via of a message, if it parses.

@@ -52,9 +52,8 @@ rate = 10
 match = { username = "alice" }
 "#;
 
-fn proxy_with(cfg: &str) -> Proxy {
-    let cfg = Config::parse(cfg, "test").expect("valid test config");
-    let listeners = vec![
+fn test_listeners() -> Vec<LocalListener> {
+    vec![
         LocalListener {
             bound: "127.0.0.1:5060".parse().expect("addr"),
             host: "127.0.0.1".into(),
@@ -69,8 +68,12 @@ fn proxy_with(cfg: &str) -> Proxy {
             udp: true,
             tcp: false,
         },
-    ];
-    Proxy::new(&cfg, listeners).expect("proxy builds")
+    ]
+}
+
+fn proxy_with(cfg: &str) -> Proxy {
+    let cfg = Config::parse(cfg, "test").expect("valid test config");
+    Proxy::new(&cfg, test_listeners()).expect("proxy builds")
 }
 
 fn proxy() -> Proxy {
@@ -788,4 +791,85 @@ fn strict_next_hop_gets_the_request_uri_as_its_last_route() {
         "{s}"
     );
     assert!(!s.contains("5060;lr>"), "our Route removed: {s}");
+}
+
+#[test]
+fn a_response_around_a_forged_copy_of_our_via_is_not_relayed() {
+    let p = proxy();
+    let (_, fwd) = forwarded(handle(&p, &req("INVITE", ""), PBX));
+    let genuine = response_to(&fwd, 200);
+    assert!(matches!(handle(&p, &genuine, CARRIER), Action::Forward(_)));
+    // Same Via of ours, but the Via below it (where the response would go) was swapped.
+    let forged = genuine.replace(
+        "10.0.0.5:5062;branch=z9hG4bKabc",
+        "198.51.100.66:5062;branch=z9hG4bKabc",
+    );
+    assert_eq!(
+        handle(&p, &forged, CARRIER),
+        Action::Drop(DropReason::ForeignVia)
+    );
+}
+
+#[test]
+fn responses_leaving_over_tcp_get_a_content_length() {
+    let p = proxy();
+    let msg = req("INVITE", "X-Trunk: blue\r\n").replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    let (_, fwd) = forwarded(handle_from(
+        &p,
+        &msg,
+        "198.51.100.1:40001",
+        Transport::Tcp,
+        Some(9),
+    ));
+    let resp = response_to(&fwd, 180).replace("Content-Length: 0\r\n", "");
+    let (o, s) = forwarded(handle(&p, &resp, "127.0.0.1:5090"));
+    assert_eq!(o.transport, Transport::Tcp);
+    assert!(s.ends_with("\r\nContent-Length: 0\r\n\r\n"), "{s}");
+}
+
+#[test]
+fn link_local_and_self_destinations_are_never_used() {
+    let p = proxy();
+    let (_, fwd) = forwarded(handle(&p, &req("INVITE", ""), PBX));
+    for bad in ["169.254.169.254", "fe80::1", "127.0.0.1"] {
+        let r = response_to(&fwd, 200)
+            .replace("received=10.0.0.5", &format!("received={bad}"))
+            .replace("rport=5062", "rport=5060");
+        assert_eq!(
+            handle(&p, &r, CARRIER),
+            Action::Drop(DropReason::UnsafeDestination),
+            "{bad}"
+        );
+    }
+    let to_self = CFG.replace(
+        "address = \"127.0.0.1:5070\"",
+        "address = \"127.0.0.1:5060\"",
+    );
+    let cfg = Config::parse(&to_self, "test").expect("valid");
+    let err = Proxy::new(&cfg, test_listeners()).expect_err("the PBX target is the gate itself");
+    assert!(
+        err.to_string()
+            .contains("pbx: 127.0.0.1:5060 is this proxy itself"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_ack_of_our_400_is_absorbed_and_a_malformed_ack_never_answered() {
+    let p = proxy();
+    let bad = req("INVITE", "").replace("Content-Length: 0", "Content-Length: 5");
+    let (code, _, r) = replied(handle(&p, &bad, PBX));
+    assert_eq!(code, 400);
+    let to = r
+        .split("\r\n")
+        .find(|l| l.starts_with("To:"))
+        .expect("to")
+        .to_owned();
+    let ack = req("ACK", "").replace("To: <sip:+15551234567@carrier.example>", &to);
+    assert_eq!(handle(&p, &ack, PBX), Action::Absorb);
+    let odd = req("ACK", "").replace("ACK sip:", "ACK  sip:");
+    assert_eq!(
+        handle(&p, &odd, PBX),
+        Action::Drop(DropReason::Unanswerable)
+    );
 }

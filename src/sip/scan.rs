@@ -461,7 +461,8 @@ pub(crate) fn parse_decimal(v: &[u8]) -> Option<usize> {
     if v.is_empty() || v.len() > 12 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(v.iter().fold(0usize, |a, d| a * 10 + usize::from(d - b'0')))
+    let n = v.iter().fold(0u64, |a, d| a * 10 + u64::from(d - b'0'));
+    usize::try_from(n).ok()
 }
 
 /// Trim spaces, tabs and the CR/LF of folded lines from both ends.

@@ -34,12 +34,25 @@ struct ConnHandle {
     peer: SocketAddr,
 }
 
-/// Open TCP connections, by id and by peer address (for reuse).
-#[derive(Default)]
+/// Open TCP connections, by id and by peer address (for reuse). Ids start at a random point per
+/// process, so a response carrying a stale `;i=` from before a restart finds no connection
+/// rather than someone else's.
 struct ConnTable {
     next: AtomicU64,
     by_id: DashMap<ConnId, ConnHandle>,
     by_peer: DashMap<SocketAddr, ConnId>,
+}
+
+impl Default for ConnTable {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        let epoch = std::collections::hash_map::RandomState::new().hash_one(0u8) & 0xffff_ffff;
+        Self {
+            next: AtomicU64::new(epoch << 32),
+            by_id: DashMap::new(),
+            by_peer: DashMap::new(),
+        }
+    }
 }
 
 impl ConnTable {

@@ -997,14 +997,28 @@ fn bext01_extra(_: &Proxy, _: &[u8], a: &Action) -> Result<(), String> {
     Ok(())
 }
 
-/// RFC 4475 §3.3.10: a proxy must never forward to the broadcast address. Put our own Via on top
-/// so the core actually routes the response to the 255.255.255.255 Via below it.
+/// RFC 4475 §3.3.10: a proxy must never forward to the broadcast address. Put a genuine Via of
+/// ours on top (the one the core writes when it forwards a request whose top Via is the
+/// 255.255.255.255 one), so the core really routes the response to the broadcast Via below it.
 fn bcast_extra(p: &Proxy, raw: &[u8], _: &Action) -> Result<(), String> {
     let text = String::from_utf8_lossy(raw);
-    let ours = "Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKcg0123456789abcdef;ln=0\r\n";
+    let theirs = "Via: SIP/2.0/UDP 255.255.255.255;branch=z9hG4bK1saber23\r\n";
+    let request = format!(
+        "OPTIONS sip:x@192.0.2.1 SIP/2.0\r\n{theirs}From: <sip:a@b>;tag=1\r\nTo: <sip:x@c>\r\n\
+         Call-ID: bcast-probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    );
+    let Action::Forward(out) = handle_from(p, request.as_bytes(), CLIENT) else {
+        return Err("the probe request was not forwarded".to_owned());
+    };
+    let forwarded = String::from_utf8_lossy(&out.data).into_owned();
+    let ours = forwarded
+        .split("\r\n")
+        .nth(1)
+        .filter(|l| l.starts_with("Via: "))
+        .ok_or("the forwarded probe has no Via of ours")?;
     let variant = text.replacen(
         "Via: SIP/2.0/UDP 192.0.2.198;branch=z9hG4bK1324923\r\n",
-        ours,
+        &format!("{ours}\r\n"),
         1,
     );
     if variant == text {
