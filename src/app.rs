@@ -34,6 +34,14 @@ pub struct Gate {
 impl Gate {
     /// Bind every configured listener and build the core. Errors name the address.
     pub async fn bind(cfg: &Config) -> anyhow::Result<Self> {
+        for w in &cfg.warnings {
+            tracing::warn!("config: {w}");
+        }
+        if cfg.proxy.secret.is_none() {
+            tracing::info!(
+                "no [proxy] secret: branch and To-tag keys are random for this run (set one when several instances serve the same peers)"
+            );
+        }
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut locals = Vec::new();
@@ -156,7 +164,7 @@ async fn bind_listener(
         if !l.tcp {
             return Ok((udp, None, addr));
         }
-        match TcpListener::bind(addr).await {
+        match bind_tcp(addr) {
             Ok(t) => {
                 let bound = t.local_addr()?;
                 return Ok((udp, Some(t), bound));
@@ -166,6 +174,21 @@ async fn bind_listener(
     }
     Err(last_err.expect("at least one attempt"))
         .with_context(|| format!("binding tcp {}", l.address))
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // IPv6 listeners serve IPv6 only, like their UDP twins, so `0.0.0.0` and `[::]` can both
+    // be configured on one port.
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
 }
 
 fn bind_udp(addr: SocketAddr, cfg: &Config) -> std::io::Result<UdpSocket> {

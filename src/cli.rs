@@ -60,6 +60,9 @@ pub fn run(cli: Cli) -> ExitCode {
                     cfg.accounts.len(),
                     cfg.trunks.len()
                 );
+                for w in &cfg.warnings {
+                    println!("warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

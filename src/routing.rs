@@ -27,6 +27,30 @@ impl Cidr {
         }
     }
 
+    /// True for an exact `ip:port` source.
+    pub fn has_port(&self) -> bool {
+        self.port.is_some()
+    }
+
+    /// True when the two networks share an address (and a port, where both name one).
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        let ports = match (self.port, other.port) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let shorter = if self.prefix <= other.prefix {
+            self
+        } else {
+            other
+        };
+        let longer = if self.prefix <= other.prefix {
+            other
+        } else {
+            self
+        };
+        ports && shorter.contains(longer.net)
+    }
+
     /// True when the transport source `src` is inside the network (and has the port, if given).
     pub fn matches(&self, src: SocketAddr) -> bool {
         self.port.is_none_or(|p| p == src.port()) && self.contains(src.ip())
@@ -212,6 +236,12 @@ mod tests {
         assert!(!v6.contains("10.0.0.1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nonsense".parse::<Cidr>().is_err());
+        let a: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(a.overlaps(&c) && c.overlaps(&a));
+        assert!(!a.overlaps(&"192.0.2.0/24".parse().unwrap()));
+        let p1: Cidr = "127.0.0.1:5080".parse().unwrap();
+        assert!(!p1.overlaps(&"127.0.0.1:5070".parse().unwrap()));
+        assert!(p1.overlaps(&"127.0.0.0/8".parse().unwrap()));
         let exact: Cidr = "127.0.0.1:5080".parse().unwrap();
         assert!(exact.matches("127.0.0.1:5080".parse().unwrap()));
         assert!(!exact.matches("127.0.0.1:5070".parse().unwrap()));

@@ -37,6 +37,8 @@ pub struct Config {
     pub accounts: Vec<Account>,
     /// Trunks, in match order.
     pub trunks: Vec<Trunk>,
+    /// Legal but risky choices, logged at start and printed by `check-config`.
+    pub warnings: Vec<String>,
 }
 
 /// One local address.
@@ -460,6 +462,7 @@ impl<'t> Validator<'t> {
         if !self.errors.is_empty() {
             return None;
         }
+        let warnings = warnings(&upstreams, &trunks);
         Some(Config {
             listeners,
             proxy: proxy?,
@@ -469,6 +472,7 @@ impl<'t> Validator<'t> {
             upstreams,
             accounts,
             trunks,
+            warnings,
         })
     }
 
@@ -694,6 +698,15 @@ impl<'t> Validator<'t> {
         )?;
         let sources = match &u.sources {
             Some(list) => self.cidrs(&format!("{key}.sources"), list),
+            None if target.host.parse::<std::net::IpAddr>().is_err() => {
+                // Without its networks a carrier's inbound calls would look like a stranger's.
+                self.err_at(
+                    &u.address,
+                    format!("{key}.sources"),
+                    "required when the address is a host name (the networks the carrier sends from)",
+                );
+                Vec::new()
+            }
             None => target
                 .host
                 .parse::<std::net::IpAddr>()
@@ -883,6 +896,37 @@ impl<'t> Validator<'t> {
     }
 }
 
+/// Legal but risky settings an operator should know about.
+fn warnings(upstreams: &[Upstream], trunks: &[Trunk]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in trunks {
+        if t.matcher.sources.is_empty() {
+            out.push(format!(
+                "trunk {}: matched without source networks, so any address that sends its {} can use it",
+                t.name,
+                if t.matcher.username.is_some() { "username" } else { "header" }
+            ));
+        }
+    }
+    for u in upstreams {
+        for t in trunks {
+            // An exact ip:port carrier source is a deliberate carve-out (e.g. on loopback).
+            let overlap = u
+                .sources
+                .iter()
+                .filter(|c| !c.has_port())
+                .any(|c| t.matcher.sources.iter().any(|n| n.overlaps(c)));
+            if overlap {
+                out.push(format!(
+                    "upstream {} and trunk {}: overlapping source networks; requests from the overlap are taken as the carrier's",
+                    u.name, t.name
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Split `host`, `host:port`, `[v6]` or `[v6]:port`.
 fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
     let s = s.trim();
@@ -992,6 +1036,44 @@ match = { sources = ["10.0.0.0/8"] }
         let e = Config::parse("[[listen]\n", "t").unwrap_err();
         assert_eq!(e.errors[0].key, "(syntax)");
         assert_eq!(e.errors[0].line, 1);
+    }
+
+    #[test]
+    fn host_name_upstream_needs_its_source_networks() {
+        let bad = GOOD.replace(
+            "address = \"127.0.0.1:5080\"",
+            "address = \"sip.carrier.example\"",
+        );
+        let e = Config::parse(&bad, "t").unwrap_err();
+        assert_eq!(e.errors[0].key, "upstream[0].sources");
+        let ok = bad.replace(
+            "name = \"carrier\"",
+            "name = \"carrier\"\nsources = [\"192.0.2.0/24\"]",
+        );
+        assert!(Config::parse(&ok, "t").is_ok());
+    }
+
+    #[test]
+    fn risky_but_legal_choices_are_warned_about() {
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let open = GOOD.replace(
+            "match = { sources = [\"10.0.0.0/8\"] }",
+            "match = { username = \"u\" }",
+        );
+        let c = Config::parse(&open, "t").unwrap();
+        assert!(
+            c.warnings[0].contains("trunk east: matched without source networks"),
+            "{:?}",
+            c.warnings
+        );
+        let overlap = GOOD.replace("10.0.0.0/8", "127.0.0.0/8");
+        let c = Config::parse(&overlap, "t").unwrap();
+        assert!(
+            c.warnings[0].contains("overlapping source networks"),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub struct Outbound {
     pub conn: Option<ConnId>,
     /// The bytes.
     pub data: Bytes,
+    /// For a request moved to TCP by size (RFC 3261 §18.1.1): the listener and bytes to send
+    /// over UDP instead when the connection cannot be made.
+    pub udp_fallback: Option<(usize, Bytes)>,
 }
 
 /// What the shell must do with a message.
@@ -420,6 +423,7 @@ impl Proxy {
         let mut data = edits.apply(buf, msg.body_range().end);
         // RFC 3261 §18.1.1: a request larger than 1300 bytes (path MTU unknown) MUST go over a
         // congestion-controlled transport when the next hop did not fix the transport.
+        let mut fallback = None;
         if data.len() > UDP_SIZE_LIMIT && transport == Transport::Udp && !transport_chosen {
             let v4 = matches!(&to, NextHop::Addr(a) if a.is_ipv4())
                 || matches!(to, NextHop::Name { .. });
@@ -428,6 +432,8 @@ impl Proxy {
                 .iter()
                 .position(|l| l.tcp && l.bound.is_ipv4() == v4)
             {
+                // §18.1.1: when the connection cannot be made, the UDP version is sent instead.
+                fallback = Some((egress, data));
                 (transport, egress) = (Transport::Tcp, tcp);
                 let mut e = unrewritten;
                 self.rewrite_request(msg, &req, inb, &mut e, transport, egress);
@@ -440,6 +446,7 @@ impl Proxy {
             listener: egress,
             conn: None,
             data,
+            udp_fallback: fallback,
         })
     }
 
@@ -792,6 +799,7 @@ impl Proxy {
             transport,
             listener,
             conn: conn.filter(|_| transport == Transport::Tcp),
+            udp_fallback: None,
             data: edits.apply(buf, msg.body_range().end),
         })
     }
@@ -989,6 +997,7 @@ impl Proxy {
             listener: inb.listener,
             conn: inb.conn,
             data,
+            udp_fallback: None,
         }
     }
 }

@@ -612,6 +612,9 @@ fn large_request_to_a_uri_without_transport_switches_to_tcp() {
     let (o, s) = forwarded(handle(&p, &msg, PBX));
     assert_eq!(o.transport, Transport::Tcp, "RFC 3261 §18.1.1");
     assert!(s.contains("\r\nVia: SIP/2.0/TCP 127.0.0.1:5060;"));
+    let (l, udp) = o.udp_fallback.expect("a UDP version for a failed connect");
+    assert_eq!(l, 0);
+    assert!(String::from_utf8_lossy(&udp).contains("\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;"));
     // A configured UDP upstream stays UDP: the operator chose the transport.
     let (o, _) = forwarded(handle(&p, &req("INVITE", &big), PBX));
     assert_eq!(o.transport, Transport::Udp);

@@ -27,58 +27,94 @@ pub struct FrameError {
     pub head: Bytes,
 }
 
-/// Take the next frame from `buf`, or `None` when more bytes are needed.
+/// Take the next frame from `buf`, or `None` when more bytes are needed (no memory of earlier
+/// calls: fine for a peer's own reads, see [`Framer`] for a connection).
 pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
-    loop {
-        if buf.starts_with(b"\r\n\r\n") {
-            let _ = buf.split_to(4);
-            return Ok(Some(Frame::Ping));
+    Framer::default().next_frame(buf, max)
+}
+
+/// Framing state of one connection: how far the header section has been searched, and the
+/// length of a message whose body is still arriving, so each byte is scanned once however the
+/// peer splits its writes.
+#[derive(Debug, Default, Clone)]
+pub struct Framer {
+    searched: usize,
+    pending: Option<usize>,
+}
+
+impl Framer {
+    /// Take the next frame from `buf`, or `None` when more bytes are needed.
+    pub fn next_frame(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Result<Option<Frame>, FrameError> {
+        if let Some(total) = self.pending {
+            if buf.len() < total {
+                return Ok(None);
+            }
+            return Ok(Some(self.take(buf, total)));
         }
-        if buf.as_ref() == b"\r\n" || buf.as_ref() == b"\r\n\r" || buf.as_ref() == b"\r" {
-            // Could still become a ping; wait.
+        if self.searched == 0 {
+            loop {
+                if buf.starts_with(b"\r\n\r\n") {
+                    let _ = buf.split_to(4);
+                    return Ok(Some(Frame::Ping));
+                }
+                if matches!(buf.as_ref(), b"\r\n" | b"\r\n\r" | b"\r") {
+                    // Could still become a ping; wait.
+                    return Ok(None);
+                }
+                if buf.starts_with(b"\r\n") {
+                    let _ = buf.split_to(2);
+                } else if buf.starts_with(b"\n") {
+                    let _ = buf.split_to(1);
+                } else {
+                    break;
+                }
+            }
+            if buf.is_empty() {
+                return Ok(None);
+            }
+        }
+        // An end marker may straddle the previous search's end: look back three bytes.
+        let from = self.searched.saturating_sub(3);
+        let Some(head_end) = header_end(&buf[from..]).map(|e| e + from) else {
+            if buf.len() > max {
+                return Err(error(413, "Message Too Large", &buf[..max]));
+            }
+            self.searched = buf.len();
             return Ok(None);
-        }
-        if buf.starts_with(b"\r\n") {
-            let _ = buf.split_to(2);
-            continue;
-        }
-        if buf.starts_with(b"\n") {
-            let _ = buf.split_to(1);
-            continue;
-        }
-        break;
-    }
-    if buf.is_empty() {
-        return Ok(None);
-    }
-    let Some(head_end) = header_end(buf) else {
-        if buf.len() > max {
+        };
+        if head_end > max {
             return Err(error(413, "Message Too Large", &buf[..max]));
         }
-        return Ok(None);
-    };
-    if head_end > max {
-        return Err(error(413, "Message Too Large", &buf[..max]));
-    }
-    let body_len = match content_length(&buf[..head_end]) {
-        Ok(Some(n)) => n,
-        Ok(None) => {
-            return Err(error(
-                400,
-                "Bad Request (Missing Content-Length)",
-                &buf[..head_end],
-            ));
+        let body_len = match content_length(&buf[..head_end]) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                return Err(error(
+                    400,
+                    "Bad Request (Missing Content-Length)",
+                    &buf[..head_end],
+                ));
+            }
+            Err(()) => return Err(error(400, "Bad Content-Length", &buf[..head_end])),
+        };
+        let total = head_end.saturating_add(body_len);
+        if total > max {
+            return Err(error(413, "Message Too Large", &buf[..head_end]));
         }
-        Err(()) => return Err(error(400, "Bad Content-Length", &buf[..head_end])),
-    };
-    let total = head_end.saturating_add(body_len);
-    if total > max {
-        return Err(error(413, "Message Too Large", &buf[..head_end]));
+        if buf.len() < total {
+            self.pending = Some(total);
+            return Ok(None);
+        }
+        Ok(Some(self.take(buf, total)))
     }
-    if buf.len() < total {
-        return Ok(None);
+
+    fn take(&mut self, buf: &mut BytesMut, total: usize) -> Frame {
+        *self = Self::default();
+        Frame::Message(buf.split_to(total).freeze())
     }
-    Ok(Some(Frame::Message(buf.split_to(total).freeze())))
 }
 
 fn error(code: u16, reason: &'static str, head: &[u8]) -> FrameError {
@@ -142,6 +178,28 @@ mod tests {
             Ok(Some(Frame::Message(Bytes::from_static(MSG))))
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_framer_fed_byte_by_byte_finds_every_message() {
+        let mut f = Framer::default();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let stream: Vec<u8> = [MSG, b"\r\n\r\n", MSG].concat();
+        for &b in &stream {
+            buf.extend_from_slice(&[b]);
+            while let Some(frame) = f.next_frame(&mut buf, 1024).expect("frames") {
+                got.push(frame);
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                Frame::Message(Bytes::from_static(MSG)),
+                Frame::Ping,
+                Frame::Message(Bytes::from_static(MSG))
+            ]
+        );
     }
 
     #[test]

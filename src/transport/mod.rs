@@ -6,12 +6,12 @@ pub mod framing;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,7 +20,7 @@ use crate::config::TcpSettings;
 use crate::proxy::{Action, ConnId, Inbound, NextHop, Outbound, Proxy};
 use crate::sip::Transport;
 use crate::telemetry::{Stats, TransportDrop};
-use framing::{Frame, next_frame};
+use framing::{Frame, Framer};
 
 /// Messages queued for one TCP peer before further ones are dropped.
 const CONN_QUEUE: usize = 256;
@@ -28,6 +28,15 @@ const CONN_QUEUE: usize = 256;
 const MAX_LOOKUPS: usize = 64;
 /// Largest UDP datagram we read.
 const UDP_BUF: usize = 65_535;
+/// A write that makes no progress for this long ends the connection (a peer that stopped
+/// reading must not hold a task, a connection slot and the shutdown).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a resolved next-hop name is reused (also keeps a transaction on one address).
+const DNS_TTL: Duration = Duration::from_secs(60);
+/// Most cached names; the cache is emptied when it would grow past this.
+const DNS_CACHE_MAX: usize = 4096;
 
 struct ConnHandle {
     tx: mpsc::Sender<Bytes>,
@@ -87,8 +96,12 @@ pub struct Shell {
     conns: ConnTable,
     tcp: TcpSettings,
     max_message: usize,
-    conn_slots: Arc<Semaphore>,
+    /// Inbound and outbound connections have separate pools, so a flood of inbound
+    /// connections cannot stop the gate from reaching its carriers.
+    inbound_slots: Arc<Semaphore>,
+    outbound_slots: Arc<Semaphore>,
     lookups: Arc<Semaphore>,
+    dns: DashMap<(String, u16), (SocketAddr, Instant)>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -109,7 +122,9 @@ impl Shell {
             stats,
             udp,
             conns: ConnTable::default(),
-            conn_slots: Arc::new(Semaphore::new(tcp.max_connections)),
+            inbound_slots: Arc::new(Semaphore::new(tcp.max_connections)),
+            outbound_slots: Arc::new(Semaphore::new(tcp.max_connections)),
+            dns: DashMap::new(),
             tcp,
             max_message,
             lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
@@ -165,11 +180,14 @@ impl Shell {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!(error = %e, "tcp accept error");
-                        continue;
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        }
                     }
                 },
             };
-            let Ok(permit) = self.conn_slots.clone().try_acquire_owned() else {
+            let Ok(permit) = self.inbound_slots.clone().try_acquire_owned() else {
                 self.stats.transport_drop(TransportDrop::Capacity, peer);
                 continue;
             };
@@ -223,7 +241,7 @@ impl Shell {
                     .or_else(|| self.conns.sender_to(addr));
                 let tx = match tx {
                     Some(tx) => tx,
-                    None => match self.connect(addr, out.listener) {
+                    None => match self.connect(addr, out.listener, out.udp_fallback) {
                         Some(tx) => tx,
                         None => return,
                     },
@@ -237,68 +255,107 @@ impl Shell {
     }
 
     fn spawn_lookup(self: &Arc<Self>, host: String, port: u16, out: Outbound) {
+        let unresolved: SocketAddr = ([0, 0, 0, 0], port).into();
+        let key = (host, port);
+        if let Some(hit) = self.dns.get(&key).filter(|e| e.1.elapsed() < DNS_TTL) {
+            let addr = hit.0;
+            drop(hit);
+            let shell = self.clone();
+            self.tracker
+                .spawn(async move { shell.send_to(addr, out).await });
+            return;
+        }
         let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
             self.stats
-                .transport_drop(TransportDrop::Capacity, ([0, 0, 0, 0], port).into());
+                .transport_drop(TransportDrop::Capacity, unresolved);
             return;
         };
         let shell = self.clone();
         self.tracker.spawn(async move {
             let found = tokio::time::timeout(
                 shell.tcp.connect_timeout,
-                tokio::net::lookup_host((host.as_str(), port)),
+                tokio::net::lookup_host((key.0.clone(), key.1)),
             )
             .await;
             drop(permit);
-            match found {
-                Ok(Ok(mut addrs)) => match addrs.next() {
-                    Some(addr) => shell.send_to(addr, out).await,
-                    None => shell
-                        .stats
-                        .transport_drop(TransportDrop::ResolveFailed, ([0, 0, 0, 0], port).into()),
-                },
-                _ => {
-                    tracing::debug!(%host, port, "next hop did not resolve");
-                    shell
-                        .stats
-                        .transport_drop(TransportDrop::ResolveFailed, ([0, 0, 0, 0], port).into());
-                }
+            // The egress socket decides the family; the destination must be one we may use.
+            let want_v4 = shell
+                .proxy
+                .listeners()
+                .get(out.listener)
+                .is_none_or(|l| l.bound.is_ipv4());
+            let addr = match found {
+                Ok(Ok(addrs)) => addrs
+                    .filter(|a| a.is_ipv4() == want_v4)
+                    .find(|a| shell.proxy.is_safe(*a)),
+                _ => None,
+            };
+            let Some(addr) = addr else {
+                tracing::debug!(host = %key.0, port = key.1, "next hop did not resolve to a usable address");
+                shell.stats.transport_drop(TransportDrop::ResolveFailed, unresolved);
+                return;
+            };
+            if shell.dns.len() >= DNS_CACHE_MAX {
+                shell.dns.clear();
             }
+            shell.dns.insert(key, (addr, Instant::now()));
+            shell.send_to(addr, out).await;
         });
     }
 
-    /// Open an outbound connection; messages queue in its channel while it connects.
-    fn connect(self: &Arc<Self>, peer: SocketAddr, listener: usize) -> Option<mpsc::Sender<Bytes>> {
-        let Ok(permit) = self.conn_slots.clone().try_acquire_owned() else {
+    /// Open an outbound connection from the listener's address; messages queue in its channel
+    /// while it connects. When the connection cannot be made, `udp_fallback` (a request moved to
+    /// TCP only because of its size) goes out over UDP instead (RFC 3261 §18.1.1).
+    fn connect(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        listener: usize,
+        udp_fallback: Option<(usize, Bytes)>,
+    ) -> Option<mpsc::Sender<Bytes>> {
+        let Ok(permit) = self.outbound_slots.clone().try_acquire_owned() else {
             self.stats.transport_drop(TransportDrop::Capacity, peer);
             return None;
         };
+        let local = self
+            .proxy
+            .listeners()
+            .get(listener)
+            .map(|l| l.bound.ip())
+            .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == peer.is_ipv4());
         let (tx, rx) = mpsc::channel(CONN_QUEUE);
         let id = self.conns.insert(peer, tx.clone());
         let shell = self.clone();
         self.tracker.spawn(async move {
-            let stream =
-                tokio::time::timeout(shell.tcp.connect_timeout, TcpStream::connect(peer)).await;
-            match stream {
+            let connected =
+                tokio::time::timeout(shell.tcp.connect_timeout, connect_from(local, peer)).await;
+            match connected {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     shell.stats.connections.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, id, "tcp connected");
                     shell.serve_conn(s, id, peer, listener, rx).await;
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "tcp connect failed");
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_owned(),
+                    };
+                    tracing::warn!(%peer, error = %why, "tcp connect failed");
                     shell.conns.remove(id);
                     shell
                         .stats
                         .transport_drop(TransportDrop::ConnectFailed, peer);
-                }
-                Err(_) => {
-                    tracing::warn!(%peer, "tcp connect timed out");
-                    shell.conns.remove(id);
-                    shell
-                        .stats
-                        .transport_drop(TransportDrop::ConnectFailed, peer);
+                    if let Some((l, data)) = udp_fallback {
+                        let out = Outbound {
+                            to: NextHop::Addr(peer),
+                            transport: Transport::Udp,
+                            listener: l,
+                            conn: None,
+                            data,
+                            udp_fallback: None,
+                        };
+                        shell.send_to(peer, out).await;
+                    }
                 }
             }
             drop(permit);
@@ -317,18 +374,27 @@ impl Shell {
         mut rx: mpsc::Receiver<Bytes>,
     ) {
         let (mut rd, mut wr) = stream.into_split();
+        // The writer cancels `dead` when it gives up, so the reader stops too.
+        let dead = CancellationToken::new();
+        let dead_guard = dead.clone().drop_guard();
         let writer = self.tracker.spawn(async move {
+            let _dead = dead_guard;
             while let Some(b) = rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    break;
+                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&b)).await {
+                    Ok(Ok(())) => {}
+                    _ => {
+                        tracing::debug!(%peer, id, "tcp write failed or stalled; closing");
+                        return;
+                    }
                 }
             }
-            let _ = wr.shutdown().await;
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
         });
         let mut buf = BytesMut::with_capacity(4096);
+        let mut framer = Framer::default();
         'conn: loop {
             loop {
-                match next_frame(&mut buf, self.max_message) {
+                match framer.next_frame(&mut buf, self.max_message) {
                     Ok(Some(Frame::Message(m))) => {
                         let inb = Inbound {
                             data: &m,
@@ -371,6 +437,8 @@ impl Shell {
             }
             let read = tokio::select! {
                 _ = self.cancel.cancelled() => break,
+                // A writer that gave up means the connection is dead.
+                _ = dead.cancelled() => break,
                 r = tokio::time::timeout(self.tcp.idle_timeout, rd.read_buf(&mut buf)) => r,
             };
             match read {
@@ -386,4 +454,20 @@ impl Shell {
         self.conns.remove(id);
         let _ = writer.await;
     }
+}
+
+/// Connect to `peer`, from `local` when given (so carriers see the listener's address).
+async fn connect_from(
+    local: Option<std::net::IpAddr>,
+    peer: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let sock = if peer.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = local {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    sock.connect(peer).await
 }

@@ -436,3 +436,50 @@ async fn ipv6_call_over_udp() {
     assert_eq!(status(&ok), 200);
     gate.stop().await;
 }
+
+fn in_dialog_bye(
+    from: std::net::SocketAddr,
+    gate: std::net::SocketAddr,
+    target: &str,
+    pad: usize,
+) -> String {
+    format!(
+        "BYE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bKbye-{pad};rport\r\n\
+         Route: <sip:{gate};lr>\r\nMax-Forwards: 70\r\nFrom: <sip:a@pbx.example>;tag=1\r\n\
+         To: <sip:b@carrier.example>;tag=2\r\nCall-ID: bye-{pad}\r\nCSeq: 2 BYE\r\nX-Pad: {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        "p".repeat(pad)
+    )
+}
+
+/// A next hop given by host name is resolved (A/AAAA, the egress listener's family).
+#[tokio::test]
+async fn host_name_next_hop_is_resolved() {
+    let pbx = UdpPeer::bind().await;
+    let carrier = UdpPeer::bind().await;
+    let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
+    let target = format!("sip:callee@localhost:{}", carrier.addr.port());
+    pbx.send(gate.udp, &in_dialog_bye(pbx.addr, gate.udp, &target, 1))
+        .await;
+    let (bye, _) = carrier.recv().await;
+    assert!(bye.starts_with(&format!("BYE {target} SIP/2.0")), "{bye}");
+    gate.stop().await;
+}
+
+/// RFC 3261 §18.1.1: a request over 1300 bytes goes over TCP; when the next hop takes no TCP
+/// connection, the UDP version is sent instead.
+#[tokio::test]
+async fn large_request_falls_back_to_udp_when_tcp_is_refused() {
+    let pbx = UdpPeer::bind().await;
+    let carrier = UdpPeer::bind().await;
+    let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
+    // Nothing listens on TCP at the carrier's UDP port, so the connect is refused.
+    let target = format!("sip:callee@{}", carrier.addr);
+    pbx.send(gate.udp, &in_dialog_bye(pbx.addr, gate.udp, &target, 1400))
+        .await;
+    let (bye, from) = carrier.recv().await;
+    assert_eq!(from, gate.udp);
+    assert!(headers(&bye, "Via")[0].starts_with("SIP/2.0/UDP "), "{bye}");
+    assert_eq!(gate.stats.transport_drops(TransportDrop::ConnectFailed), 1);
+    gate.stop().await;
+}
