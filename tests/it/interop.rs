@@ -47,7 +47,30 @@ match = {{ sources = ["127.0.0.1"] }}
     )
 }
 
-async fn sipp_calls_through_the_gate(transport: &str) {
+/// Which SIPp scenarios play the caller and the callee.
+#[derive(Clone, Copy)]
+enum Scenarios {
+    /// SIPp's built-in `uac` and `uas` (`-sn`).
+    BuiltIn,
+    /// `tests/interop/*_rr.xml`: the callee copies Record-Route and checks the INVITE has ours;
+    /// the caller sends ACK and BYE along the route set; the callee checks the BYE came through
+    /// the gate. A call fails when the gate does not record-route.
+    RecordRoute,
+}
+
+impl Scenarios {
+    fn args(self, role: &str) -> Vec<String> {
+        match self {
+            Scenarios::BuiltIn => vec!["-sn".into(), role.into()],
+            Scenarios::RecordRoute => vec![
+                "-sf".into(),
+                format!("{}/tests/interop/{role}_rr.xml", env!("CARGO_MANIFEST_DIR")),
+            ],
+        }
+    }
+}
+
+async fn sipp_calls_through_the_gate(transport: &str, scenarios: Scenarios) {
     let t = if transport == "tcp" { "t1" } else { "u1" };
     let tcp = transport == "tcp";
     let uas_port = free_port(tcp);
@@ -56,17 +79,10 @@ async fn sipp_calls_through_the_gate(transport: &str) {
     let gate_addr = if tcp { gate.tcp } else { gate.udp };
 
     let mut uas = Command::new("sipp")
-        .args([
-            "-sn",
-            "uas",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &uas_port.to_string(),
-            "-t",
-            t,
-        ])
+        .args(scenarios.args("uas"))
+        .args(["-i", "127.0.0.1", "-p", &uas_port.to_string(), "-t", t])
         .args(["-nostdin", "-timeout", "180s"])
+        .current_dir(std::env::temp_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -87,7 +103,9 @@ async fn sipp_calls_through_the_gate(transport: &str) {
 
     let uac_port = free_port(tcp);
     let uac = Command::new("sipp")
-        .args(["-sn", "uac", &gate_addr.to_string(), "-i", "127.0.0.1"])
+        .args(scenarios.args("uac"))
+        .args([&gate_addr.to_string(), "-i", "127.0.0.1"])
+        .current_dir(std::env::temp_dir())
         .args(["-p", &uac_port.to_string(), "-t", t])
         .args([
             "-m",
@@ -99,7 +117,13 @@ async fn sipp_calls_through_the_gate(transport: &str) {
             "-d",
             "10",
         ])
-        .args(["-nostdin", "-timeout", "120s", "-timeout_error"])
+        .args([
+            "-nostdin",
+            "-timeout",
+            "120s",
+            "-timeout_error",
+            "-trace_err",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -133,11 +157,23 @@ async fn sipp_calls_through_the_gate(transport: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs sipp (Debian sip-tester); run by .ci/run"]
 async fn sipp_uac_to_uas_over_udp_500_calls_no_failures() {
-    sipp_calls_through_the_gate("udp").await;
+    sipp_calls_through_the_gate("udp", Scenarios::BuiltIn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs sipp (Debian sip-tester); run by .ci/run"]
 async fn sipp_uac_to_uas_over_tcp_500_calls_no_failures() {
-    sipp_calls_through_the_gate("tcp").await;
+    sipp_calls_through_the_gate("tcp", Scenarios::BuiltIn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs sipp (Debian sip-tester); run by .ci/run"]
+async fn sipp_calls_follow_the_record_route_over_udp() {
+    sipp_calls_through_the_gate("udp", Scenarios::RecordRoute).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs sipp (Debian sip-tester); run by .ci/run"]
+async fn sipp_calls_follow_the_record_route_over_tcp() {
+    sipp_calls_through_the_gate("tcp", Scenarios::RecordRoute).await;
 }
