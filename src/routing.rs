@@ -125,6 +125,8 @@ pub struct Routes {
     trunks: Vec<Trunk>,
     /// (upstream index, networks it sends from).
     carriers: Vec<(usize, Vec<crate::routing::Cidr>)>,
+    /// Networks the PBX sends from.
+    pbx: Vec<Cidr>,
 }
 
 /// What is known about the sender of a request.
@@ -134,6 +136,8 @@ pub enum Origin {
     Carrier(usize),
     /// The PBX side, on a known trunk (trunk index).
     Trunk(usize),
+    /// The configured `[pbx]` on no trunk: trusted in its dialogs, but starts no call.
+    Pbx,
     /// Matches no trunk.
     Unknown,
 }
@@ -149,6 +153,7 @@ impl Routes {
                 .enumerate()
                 .map(|(i, u)| (i, u.sources.clone()))
                 .collect(),
+            pbx: cfg.pbx_sources.clone(),
         }
     }
 
@@ -184,6 +189,9 @@ impl Routes {
                 }
             }
             return Origin::Trunk(i);
+        }
+        if self.pbx.iter().any(|n| n.matches(src)) {
+            return Origin::Pbx;
         }
         Origin::Unknown
     }

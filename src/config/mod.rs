@@ -31,6 +31,9 @@ pub struct Config {
     pub tcp: TcpSettings,
     /// Where requests from carriers go.
     pub pbx: Option<Target>,
+    /// Source networks of the PBX (its address when not given): its in-dialog requests are
+    /// trusted even when it matches no trunk.
+    pub pbx_sources: Vec<Cidr>,
     /// Carrier endpoints.
     pub upstreams: Vec<Upstream>,
     /// Parent accounts (pooled limits).
@@ -101,7 +104,8 @@ pub struct TcpSettings {
     pub idle_timeout: std::time::Duration,
     /// Give up an outbound connect after this long.
     pub connect_timeout: std::time::Duration,
-    /// Most open connections (inbound and outbound together).
+    /// Most open inbound connections; outbound connections have a pool of the same size of
+    /// their own.
     pub max_connections: usize,
 }
 
@@ -459,6 +463,23 @@ impl<'t> Validator<'t> {
                 &listeners,
             )
         });
+        let pbx_sources = match (&doc.pbx, &pbx) {
+            (
+                Some(raw::Pbx {
+                    sources: Some(list),
+                    ..
+                }),
+                _,
+            ) => self.cidrs("pbx.sources", list),
+            (_, Some(t)) => t
+                .host
+                .parse::<std::net::IpAddr>()
+                .map(Cidr::host)
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.check_listener_overlap(&listeners, &doc.listen);
         if !self.errors.is_empty() {
             return None;
         }
@@ -469,11 +490,33 @@ impl<'t> Validator<'t> {
             udp,
             tcp,
             pbx,
+            pbx_sources,
             upstreams,
             accounts,
             trunks,
             warnings,
         })
+    }
+
+    /// Two listeners on one port and family where one binds every interface cannot both bind.
+    fn check_listener_overlap(&mut self, listeners: &[Listener], raw: &[raw::Listen]) {
+        for (i, a) in listeners.iter().enumerate() {
+            for b in &listeners[..i] {
+                let same_port = a.address.port() == b.address.port() && a.address.port() != 0;
+                let same_family = a.address.is_ipv4() == b.address.is_ipv4();
+                let clash = a.address == b.address
+                    || a.address.ip().is_unspecified()
+                    || b.address.ip().is_unspecified();
+                let shared = (a.udp && b.udp) || (a.tcp && b.tcp);
+                if same_port && same_family && clash && shared {
+                    self.err_at(
+                        &raw[i].address,
+                        format!("listen[{i}].address"),
+                        format!("overlaps listener {} on the same port (one of them binds every interface)", b.name),
+                    );
+                }
+            }
+        }
     }
 
     fn unique<'a>(&mut self, what: &str, names: impl Iterator<Item = &'a Spanned<String>>) {
@@ -908,6 +951,28 @@ fn warnings(upstreams: &[Upstream], trunks: &[Trunk]) -> Vec<String> {
             ));
         }
     }
+    for (i, t) in trunks.iter().enumerate() {
+        if t.matcher.username.is_none() && t.matcher.header.is_none() {
+            continue;
+        }
+        // CANCEL and the ACK of a failed INVITE carry neither credentials nor the INVITE's
+        // extension headers, so they fall back to the first trunk holding their source.
+        let other = trunks.iter().enumerate().find(|&(j, o)| {
+            j != i
+                && o.upstream != t.upstream
+                && o.matcher.username.is_none()
+                && o.matcher.header.is_none()
+                && o.matcher.sources.iter().any(|n| {
+                    t.matcher.sources.is_empty() || t.matcher.sources.iter().any(|m| m.overlaps(n))
+                })
+        });
+        if let Some((_, o)) = other {
+            out.push(format!(
+                "trunk {} shares source networks with trunk {} on another upstream: a CANCEL for a call on {} is routed by source, to {}'s upstream",
+                t.name, o.name, t.name, o.name
+            ));
+        }
+    }
     for u in upstreams {
         for t in trunks {
             // An exact ip:port carrier source is a deliberate carve-out (e.g. on loopback).
@@ -1071,6 +1136,37 @@ match = { sources = ["10.0.0.0/8"] }
         let c = Config::parse(&overlap, "t").unwrap();
         assert!(
             c.warnings[0].contains("overlapping source networks"),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn a_wildcard_listener_cannot_share_a_port_with_another() {
+        let two = GOOD.replace(
+            "[[listen]]\naddress = \"127.0.0.1:5060\"\n",
+            "[[listen]]\naddress = \"127.0.0.1:5060\"\n[[listen]]\naddress = \"0.0.0.0:5060\"\nadvertise = \"a.example\"\n",
+        );
+        let e = Config::parse(&two, "t").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("listen[1].address = \"0.0.0.0:5060\": overlaps listener listen0"),
+            "{e}"
+        );
+        let other_port = two.replace("0.0.0.0:5060", "0.0.0.0:5062");
+        assert!(Config::parse(&other_port, "t").is_ok());
+    }
+
+    #[test]
+    fn header_trunk_sharing_sources_with_another_upstream_is_warned_about() {
+        let cfg = format!(
+            "{GOOD}\n[[upstream]]\nname = \"other\"\naddress = \"192.0.2.9:5060\"\n\n[[trunk]]\nname = \"tagged\"\nupstream = \"other\"\nrate = 1\nmatch = {{ sources = [\"10.1.0.0/16\"], header = {{ name = \"X-C\", value = \"o\" }} }}\n"
+        );
+        let c = Config::parse(&cfg, "t").unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("trunk tagged shares source networks with trunk east")),
             "{:?}",
             c.warnings
         );

@@ -53,6 +53,7 @@ pub struct Pbx {
     pub address: Spanned<String>,
     pub transport: Option<Spanned<String>>,
     pub listener: Option<Spanned<String>>,
+    pub sources: Option<Vec<Spanned<String>>>,
 }
 
 /// `[[upstream]]`: a carrier endpoint.

@@ -27,6 +27,8 @@ const COOKIE: &str = "z9hG4bK";
 const BRANCH_PREFIX: &str = "z9hG4bKcg";
 /// Our To-tags: this marker + 16 hex digits.
 const TAG_PREFIX: &str = "cg";
+/// Most consecutive Route values of ours removed from one request.
+const MAX_OWN_ROUTES: usize = 4;
 /// RFC 3261 §18.1.1: requests larger than this go over TCP when the path MTU is unknown.
 const UDP_SIZE_LIMIT: usize = 1300;
 /// RFC 3261 §16.6 step 3: the Max-Forwards a proxy adds when there is none.
@@ -239,9 +241,9 @@ pub struct Proxy {
 
 /// How a request is routed after route preprocessing.
 enum Hop {
-    /// A URI (remaining Route or the Request-URI); `egress` is the listener named by the last
-    /// Route entry of ours that was removed.
-    Uri(Uri, Option<usize>),
+    /// A URI (remaining Route or the Request-URI), the listener named by the last Route entry of
+    /// ours that was removed, and that entry's transport when it asked for TCP.
+    Uri(Uri, Option<usize>, Option<Transport>),
     /// A configured destination.
     Target(Resolved),
 }
@@ -400,23 +402,29 @@ impl Proxy {
         // A configured target's transport is the operator's choice; a URI without `transport`
         // leaves it to us (RFC 3261 §18.1.1).
         let mut transport_chosen = true;
-        let (to, mut transport, mut egress) = match hop {
+        let (to, mut transport, egress) = match hop {
             Hop::Target(t) => (NextHop::Addr(t.addr), t.transport, t.listener),
-            Hop::Uri(uri, named_egress) => match self.uri_destination(buf, &uri, named_egress) {
-                Ok(d) => {
-                    transport_chosen = uri.transport(buf).is_some();
-                    d
+            Hop::Uri(uri, named_egress, recorded) => {
+                match self.uri_destination(buf, &uri, named_egress, recorded) {
+                    Ok(d) => {
+                        transport_chosen = uri.transport(buf).is_some() || recorded.is_some();
+                        d
+                    }
+                    Err(_) if req.method == Method::Ack => {
+                        return Action::Drop(DropReason::UnsupportedTransport);
+                    }
+                    Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
                 }
-                Err(_) if req.method == Method::Ack => {
-                    return Action::Drop(DropReason::UnsupportedTransport);
-                }
-                Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
-            },
+            }
         };
         if let NextHop::Addr(a) = &to
             && !self.is_safe(*a)
         {
             return Action::Drop(DropReason::UnsafeDestination);
+        }
+        // Sending a request straight back to where it came from is a loop (§16.3 step 4).
+        if to == NextHop::Addr(inb.source) && req.method != Method::Ack {
+            return self.reply(msg, &req, &via_edits, inb, refuse(482, "Loop Detected"));
         }
         let unrewritten = edits.clone();
         self.rewrite_request(msg, &req, inb, &mut edits, transport, egress);
@@ -425,16 +433,11 @@ impl Proxy {
         // congestion-controlled transport when the next hop did not fix the transport.
         let mut fallback = None;
         if data.len() > UDP_SIZE_LIMIT && transport == Transport::Udp && !transport_chosen {
-            let v4 = matches!(&to, NextHop::Addr(a) if a.is_ipv4())
-                || matches!(to, NextHop::Name { .. });
-            if let Some(tcp) = self
-                .listeners
-                .iter()
-                .position(|l| l.tcp && l.bound.is_ipv4() == v4)
-            {
+            // Only on the same interface: another one may not reach the next hop.
+            if self.listeners[egress].tcp {
                 // §18.1.1: when the connection cannot be made, the UDP version is sent instead.
                 fallback = Some((egress, data));
-                (transport, egress) = (Transport::Tcp, tcp);
+                transport = Transport::Tcp;
                 let mut e = unrewritten;
                 self.rewrite_request(msg, &req, inb, &mut e, transport, egress);
                 data = e.apply(buf, msg.body_range().end);
@@ -498,16 +501,21 @@ impl Proxy {
     /// they fall back to the first trunk whose source networks hold the sender.
     fn origin(&self, msg: &Message<'_>, req: &RequestView, inb: &Inbound<'_>) -> Origin {
         match self.routes.classify(inb.source, msg, req) {
-            Origin::Unknown if matches!(req.method, Method::Cancel | Method::Ack) => {
+            Origin::Unknown | Origin::Pbx if matches!(req.method, Method::Cancel | Method::Ack) => {
                 self.routes.classify_by_source(inb.source)
             }
             o => o,
         }
     }
 
-    /// RFC 3261 §16.4 route preprocessing and the next-hop choice. Source policy comes first
-    /// (RFC 3261 §26.1: no open relay): an unknown source is refused before any Route or
-    /// Request-URI is looked at.
+    /// RFC 3261 §16.4 route preprocessing and the next-hop choice.
+    ///
+    /// Our Record-Route URIs carry `;cg=` + a keyed hash of the Call-ID. An in-dialog request
+    /// whose removed Route of ours carries the right mark belongs to a dialog this gate admitted:
+    /// it follows its route set. Everything else — initial requests, CANCEL, the ACK of a failed
+    /// INVITE (which repeats a Route the PBX preloaded), requests not routed through us — goes by
+    /// origin, and an unknown origin is refused before any Route is followed (RFC 3261 §26.1:
+    /// no open relay).
     fn next_hop(
         &self,
         msg: &Message<'_>,
@@ -516,15 +524,11 @@ impl Proxy {
         edits: &mut Edits,
     ) -> Result<Hop, Refusal> {
         let buf = msg.buf();
-        let origin = self.origin(msg, req, inb);
-        if origin == Origin::Unknown && self.unknown_sources == UnknownSources::Reject {
-            return Err(refuse(403, "Forbidden"));
-        }
         let routes: Vec<Uri> = req
             .routes
             .iter()
             .map(|e| {
-                crate::sip::NameAddr::parse(buf, e.value.clone())
+                NameAddr::parse(buf, e.value.clone())
                     .ok()
                     .and_then(|n| n.parse_uri(buf))
             })
@@ -534,9 +538,13 @@ impl Proxy {
             .request_uri_range()
             .expect("requests have a Request-URI");
         let mut ruri = Uri::parse(buf, ruri_range.clone()).expect("validated");
+        let mark = self.dialog_mark(msg);
+        let mut new_ruri = None;
         let mut removed = Vec::new();
         let mut usable = routes.len();
-        let mut egress = None;
+        // The last entry of ours removed: it names the egress listener and its transport.
+        let mut ours: Option<(usize, Uri)> = None;
+        let mut marked = false;
         // §16.4: a strict router before us put one of our Record-Route URIs (no user part) in the
         // Request-URI and the real target in the last Route: restore it and drop that Route.
         if ruri.user.is_none()
@@ -545,30 +553,30 @@ impl Proxy {
             && let Some(l) = self.is_us(buf, &ruri)
         {
             usable -= 1;
-            let last = routes[usable].clone();
-            edits.replace(ruri_range.clone(), buf[last.range.clone()].to_vec());
+            marked |= has_mark(buf, &ruri, &mark);
+            ours = Some((l, ruri));
+            ruri = routes[usable].clone();
+            new_ruri = Some(ruri.clone());
             removed.push(usable);
-            ruri = last;
-            egress = Some(l);
         }
-        // §16.4: remove a top Route that is us; with double record-routing (one entry per
-        // interface or transport) there are two, and the last one names the egress listener.
+        // §16.4: remove the Route values that are us (double record-routing gives two, an
+        // outbound-proxy Route a third).
         let mut popped = 0;
-        while popped < 2 && popped < usable {
-            match self.is_us(buf, &routes[popped]) {
-                Some(l) => {
-                    removed.push(popped);
-                    egress = Some(l);
-                    popped += 1;
-                }
-                None => break,
-            }
+        while popped < usable.min(MAX_OWN_ROUTES)
+            && let Some(l) = self.is_us(buf, &routes[popped])
+        {
+            marked |= has_mark(buf, &routes[popped], &mark);
+            ours = Some((l, routes[popped].clone()));
+            removed.push(popped);
+            popped += 1;
         }
-        let routed_to_us = !removed.is_empty();
-        // Initial requests, CANCEL, the ACK of a non-2xx answer and requests not routed through
-        // us go by origin, so a CANCEL and its ACK reach the INVITE's destination (§16.11).
-        if !routed_to_us || req.to_tag(buf).is_none() || req.method == Method::Cancel {
+        let in_dialog = marked && req.to_tag(buf).is_some() && req.method != Method::Cancel;
+        let origin = self.origin(msg, req, inb);
+        if !in_dialog {
             remove_elements(msg, &req.routes, &removed, edits);
+            if let Some(u) = new_ruri {
+                edits.replace(ruri_range, buf[u.range].to_vec());
+            }
             return match origin {
                 Origin::Carrier(_) => self
                     .pbx
@@ -577,51 +585,52 @@ impl Proxy {
                 Origin::Trunk(t) => Ok(Hop::Target(
                     self.upstreams[self.routes.trunks()[t].upstream],
                 )),
-                Origin::Unknown => self
-                    .default_upstream
-                    .map(|u| Hop::Target(self.upstreams[u]))
-                    .ok_or(refuse(403, "Forbidden")),
+                Origin::Pbx | Origin::Unknown => {
+                    match (self.unknown_sources, self.default_upstream) {
+                        (UnknownSources::Forward, Some(u)) => Ok(Hop::Target(self.upstreams[u])),
+                        _ => Err(refuse(403, "Forbidden")),
+                    }
+                }
             };
         }
-        // In-dialog request routed through us: the rest of the route set, else the Request-URI.
-        let next = match routes[..usable].get(popped) {
+        // A dialog we admitted: the rest of the route set, else the Request-URI.
+        let next = match routes[popped..usable].first() {
             Some(first) if !first.is_loose(buf) => {
-                // §16.6 step 7: the next hop is a strict router: the Request-URI becomes the last
+                // §16.6 step 6: the next hop is a strict router: the Request-URI becomes the last
                 // Route value and the first Route value becomes the Request-URI.
+                let current = new_ruri.as_ref().map_or(&ruri_range, |u| &u.range);
                 let last_line = &msg.headers()[req.routes[usable - 1].header].line;
-                let old_ruri = String::from_utf8_lossy(&buf[ruri_range.clone()]).into_owned();
-                edits.insert(last_line.end, format!("Route: <{old_ruri}>\r\n"));
-                edits.replace(ruri_range, buf[first.range.clone()].to_vec());
+                let route = format!(
+                    "Route: <{}>\r\n",
+                    String::from_utf8_lossy(&buf[current.clone()])
+                );
+                edits.insert(last_line.end, route);
                 removed.push(popped);
+                new_ruri = Some(first.clone());
                 first.clone()
             }
             Some(first) => first.clone(),
             None => ruri,
         };
         remove_elements(msg, &req.routes, &removed, edits);
+        if let Some(u) = new_ruri {
+            edits.replace(ruri_range, buf[u.range].to_vec());
+        }
         if self.is_us(buf, &next).is_some() {
             return Err(refuse(482, "Loop Detected"));
         }
-        if origin == Origin::Unknown && !self.is_configured_target(buf, &next) {
-            // `unknown_sources = "forward"` opens the default upstream, not the whole network.
-            return Err(refuse(403, "Forbidden"));
-        }
-        Ok(Hop::Uri(next, egress))
+        let (egress, ours_uri) = ours.expect("a marked request removed an entry of ours");
+        // The entry of ours faced the next hop: its transport is the one to keep.
+        let transport = ours_uri.transport(buf).filter(|t| *t == Transport::Tcp);
+        Ok(Hop::Uri(next, Some(egress), transport))
     }
 
-    /// True when a URI points at a configured upstream or the PBX.
-    fn is_configured_target(&self, buf: &[u8], uri: &Uri) -> bool {
-        let Some(Host::Ip(ip)) = uri.host else {
-            return false;
-        };
-        let addr = SocketAddr::new(ip, uri.port.unwrap_or(5060));
-        self.upstreams
-            .iter()
-            .chain(self.pbx.iter())
-            .any(|t| t.addr == addr)
-            && uri
-                .transport(buf)
-                .is_none_or(|t| t == Transport::Udp || t == Transport::Tcp)
+    /// The `;cg=` value of our Record-Route for this Call-ID.
+    fn dialog_mark(&self, msg: &Message<'_>) -> String {
+        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write_u8(b'r');
+        h.write(msg.value(HeaderName::CallId).unwrap_or_default());
+        format!("{:012x}", h.finish() >> 16)
     }
 
     /// Resolve a URI next hop: address, transport and egress listener (RFC 3263 without DNS
@@ -631,11 +640,12 @@ impl Proxy {
         buf: &[u8],
         uri: &Uri,
         named_egress: Option<usize>,
+        recorded: Option<Transport>,
     ) -> Result<(NextHop, Transport, usize), Refusal> {
         if uri.scheme == Scheme::Sips {
             return Err(refuse(416, "Unsupported URI Scheme (sips needs TLS)"));
         }
-        let transport = uri.transport(buf).unwrap_or(Transport::Udp);
+        let transport = uri.transport(buf).or(recorded).unwrap_or(Transport::Udp);
         if !matches!(transport, Transport::Udp | Transport::Tcp) {
             return Err(refuse(502, "Bad Gateway (Unsupported Transport)"));
         }
@@ -694,10 +704,11 @@ impl Proxy {
             let pos = msg
                 .first(HeaderName::RecordRoute)
                 .map_or(msg.headers_end(), |h| h.line.start);
-            let mut rr = String::with_capacity(128);
-            self.push_record_route(&mut rr, egress, out_transport);
+            let mark = self.dialog_mark(msg);
+            let mut rr = String::with_capacity(160);
+            self.push_record_route(&mut rr, egress, out_transport, &mark);
             if egress != inb.listener || out_transport != inb.transport {
-                self.push_record_route(&mut rr, inb.listener, inb.transport);
+                self.push_record_route(&mut rr, inb.listener, inb.transport, &mark);
             }
             edits.insert(pos, rr);
         }
@@ -728,13 +739,13 @@ impl Proxy {
         }
     }
 
-    fn push_record_route(&self, out: &mut String, listener: usize, t: Transport) {
+    fn push_record_route(&self, out: &mut String, listener: usize, t: Transport, mark: &str) {
         let l = &self.listeners[listener];
         let _ = write!(out, "Record-Route: <sip:{}:{}", l.host, l.port);
         if t == Transport::Tcp {
             out.push_str(";transport=tcp");
         }
-        out.push_str(";lr>\r\n");
+        let _ = write!(out, ";lr;cg={mark}>\r\n");
     }
 
     /// RFC 3261 §16.7 / §16.11 response handling.
@@ -1000,6 +1011,13 @@ impl Proxy {
             udp_fallback: None,
         }
     }
+}
+
+/// True when a URI of ours carries this dialog's mark.
+fn has_mark(buf: &[u8], uri: &Uri, mark: &str) -> bool {
+    crate::sip::header::find_param(buf, &uri.params, b"cg")
+        .and_then(|p| p.value.clone())
+        .is_some_and(|v| buf[v] == *mark.as_bytes())
 }
 
 /// Addresses no message may go to, whoever asks: port 0, unspecified, broadcast, multicast and

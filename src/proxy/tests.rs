@@ -32,6 +32,7 @@ listener = "outside"
 name = "tcp-carrier"
 address = "127.0.0.1:5090"
 transport = "tcp"
+sources = ["127.0.0.1:5090"]
 
 [[trunk]]
 name = "by-source"
@@ -109,6 +110,25 @@ fn handle_from(p: &Proxy, msg: &str, src: &str, t: Transport, conn: Option<ConnI
     )
 }
 
+/// `msg` with our Route/Request-URI entries carrying the dialog mark of its Call-ID, as the
+/// Record-Route we inserted would.
+fn marked(p: &Proxy, msg: &str) -> String {
+    let scanned = Message::scan(msg.as_bytes()).expect("scans");
+    let m = p.dialog_mark(&scanned);
+    msg.replace(
+        "sip:127.0.0.1:5060;lr",
+        &format!("sip:127.0.0.1:5060;lr;cg={m}"),
+    )
+    .replace(
+        "sip:192.0.2.10:5060;lr",
+        &format!("sip:192.0.2.10:5060;lr;cg={m}"),
+    )
+    .replace(
+        "sip:sbc.example.com SIP/2.0",
+        &format!("sip:sbc.example.com;cg={m} SIP/2.0"),
+    )
+}
+
 fn handle(p: &Proxy, msg: &str, src: &str) -> Action {
     handle_from(p, msg, src, Transport::Udp, None)
 }
@@ -167,9 +187,10 @@ fn trunk_by_source_goes_to_its_upstream_with_rfc_16_6_rewrites() {
     );
     assert!(s.contains("\r\nMax-Forwards: 69\r\n"));
     // Interface change: two Record-Routes, egress first.
-    assert!(s.contains(
-        "Record-Route: <sip:192.0.2.10:5060;lr>\r\nRecord-Route: <sip:127.0.0.1:5060;lr>\r\n"
-    ));
+    let m = p.dialog_mark(&Message::scan(req("INVITE", "").as_bytes()).expect("scans"));
+    assert!(s.contains(&format!(
+        "Record-Route: <sip:192.0.2.10:5060;lr;cg={m}>\r\nRecord-Route: <sip:127.0.0.1:5060;lr;cg={m}>\r\n"
+    )));
 }
 
 #[test]
@@ -361,6 +382,7 @@ fn loose_route_to_us_is_removed_and_the_next_route_followed() {
         "Route: <sip:127.0.0.1:5060;lr>, <sip:192.0.2.99:5080;lr>\r\n",
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, s) = forwarded(handle(&p, &msg, PBX));
     assert_eq!(
         o.to,
@@ -386,6 +408,7 @@ fn double_record_route_names_the_egress_listener() {
         "BYE sip:pbx@127.0.0.1:5070",
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, s) = forwarded(handle(&p, &msg, CARRIER));
     assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
     assert_eq!(o.listener, 0);
@@ -401,6 +424,7 @@ fn strict_router_request_uri_is_restored_from_the_last_route() {
             "BYE sip:sbc.example.com",
         )
         .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, s) = forwarded(handle(&p, &msg, PBX));
     assert!(
         s.starts_with("BYE sip:callee@192.0.2.99:5080 SIP/2.0\r\n"),
@@ -422,6 +446,7 @@ fn route_back_to_ourselves_is_a_loop() {
             "BYE sip:127.0.0.1:5060",
         )
         .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (code, _, _) = replied(handle(&p, &msg, PBX));
     assert_eq!(code, 482);
 }
@@ -434,6 +459,7 @@ fn host_name_next_hops_are_left_to_the_resolver() {
         "Route: <sip:127.0.0.1:5060;lr>, <sip:edge.carrier.example;lr;transport=tcp>\r\n",
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, _) = forwarded(handle(&p, &msg, PBX));
     assert_eq!(
         o.to,
@@ -589,6 +615,7 @@ fn ipv6_sources_and_next_hops() {
         "Route: <sip:127.0.0.1:5060;lr>, <sip:[2001:db8::7]:5080;lr>\r\n",
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     // No IPv6 listener in this config: the next hop is refused with 503, not sent from IPv4.
     let (code, _, _) = replied(handle(&p, &msg, PBX));
     assert_eq!(code, 503);
@@ -609,6 +636,7 @@ fn large_request_to_a_uri_without_transport_switches_to_tcp() {
         &format!("Route: <sip:127.0.0.1:5060;lr>, <sip:192.0.2.99:5080;lr>\r\n{big}"),
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, s) = forwarded(handle(&p, &msg, PBX));
     assert_eq!(o.transport, Transport::Tcp, "RFC 3261 §18.1.1");
     assert!(s.contains("\r\nVia: SIP/2.0/TCP 127.0.0.1:5060;"));
@@ -685,7 +713,7 @@ fn unknown_sources_cannot_relay_through_a_route_set() {
 }
 
 #[test]
-fn forwarded_unknown_sources_reach_only_configured_targets() {
+fn unmarked_in_dialog_requests_from_unknown_sources_go_to_the_default_upstream() {
     let cfg = CFG.replace(
         "unknown_sources = \"reject\"",
         "unknown_sources = \"forward\"\ndefault_upstream = \"carrier\"",
@@ -697,11 +725,15 @@ fn forwarded_unknown_sources_reach_only_configured_targets() {
         "Route: <sip:127.0.0.1:5060;lr>, <sip:10.0.0.7:6379;lr>\r\n",
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
-    let (code, _, _) = replied(handle(&p, &internal, stranger));
-    assert_eq!(code, 403);
-    let to_carrier = internal.replace("10.0.0.7:6379", "192.0.2.80:5060");
-    let (o, _) = forwarded(handle(&p, &to_carrier, stranger));
-    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    let (o, _) = forwarded(handle(&p, &internal, stranger));
+    assert_eq!(
+        o.to,
+        NextHop::Addr(CARRIER.parse().expect("addr")),
+        "not to 10.0.0.7"
+    );
+    // With the mark of a dialog the gate admitted, the route set is followed.
+    let (o, _) = forwarded(handle(&p, &marked(&p, &internal), stranger));
+    assert_eq!(o.to, NextHop::Addr("10.0.0.7:6379".parse().expect("addr")));
 }
 
 #[test]
@@ -735,6 +767,7 @@ fn both_of_our_routes_on_one_comma_joined_line_are_removed() {
         "BYE sip:pbx@127.0.0.1:5070",
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, s) = forwarded(handle(&p, &msg, CARRIER));
     assert!(!s.contains("Route:"), "{s}");
     assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
@@ -750,6 +783,7 @@ fn a_single_route_names_the_egress_listener() {
             "BYE sip:c@192.0.2.80",
         )
         .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, _) = forwarded(handle(&p, &msg, PBX));
     assert_eq!(o.listener, 1);
 }
@@ -783,6 +817,7 @@ fn strict_next_hop_gets_the_request_uri_as_its_last_route() {
         "BYE sip:callee@192.0.2.50",
     )
     .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let msg = marked(&p, &msg);
     let (o, s) = forwarded(handle(&p, &msg, PBX));
     assert_eq!(
         o.to,
@@ -875,4 +910,92 @@ fn the_ack_of_our_400_is_absorbed_and_a_malformed_ack_never_answered() {
         handle(&p, &odd, PBX),
         Action::Drop(DropReason::Unanswerable)
     );
+}
+
+#[test]
+fn the_ack_of_a_failed_invite_repeating_a_preloaded_route_follows_the_invite() {
+    let p = proxy();
+    // PBX using the gate as outbound proxy: the INVITE and the ACK of its 486 both carry the
+    // preloaded (unmarked) Route and the R-URI of the callee; the ACK also has a To-tag.
+    let inv = req("INVITE", "Route: <sip:127.0.0.1:5060;lr>\r\n");
+    let (inv_out, _) = forwarded(handle(&p, &inv, PBX));
+    let ack = req("ACK", "Route: <sip:127.0.0.1:5060;lr>\r\n").replace(
+        "carrier.example>\r\nCall",
+        "carrier.example>;tag=busy\r\nCall",
+    );
+    let (ack_out, _) = forwarded(handle(&p, &ack, PBX));
+    assert_eq!(ack_out.to, inv_out.to);
+    assert_eq!(ack_out.transport, inv_out.transport);
+}
+
+#[test]
+fn the_pbx_is_trusted_in_its_dialogs_but_starts_no_call_without_a_trunk() {
+    let p = proxy();
+    let pbx = "127.0.0.1:5070";
+    let bye = req("BYE", "Route: <sip:127.0.0.1:5060;lr>\r\n")
+        .replace(
+            "BYE sip:+15551234567@carrier.example",
+            "BYE sip:c@192.0.2.80",
+        )
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, _) = forwarded(handle(&p, &marked(&p, &bye), pbx));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    let (code, _, _) = replied(handle(&p, &req("INVITE", ""), pbx));
+    assert_eq!(code, 403);
+}
+
+#[test]
+fn in_dialog_requests_keep_the_transport_our_record_route_recorded() {
+    let p = proxy();
+    let msg = req("BYE", "Route: <sip:127.0.0.1:5060;transport=tcp;lr>\r\n")
+        .replace(
+            "BYE sip:+15551234567@carrier.example",
+            "BYE sip:c@127.0.0.1:5090",
+        )
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let m = p.dialog_mark(&Message::scan(msg.as_bytes()).expect("scans"));
+    let msg = msg.replace(";transport=tcp;lr>", &format!(";transport=tcp;lr;cg={m}>"));
+    let (o, s) = forwarded(handle(&p, &msg, PBX));
+    assert_eq!(o.transport, Transport::Tcp);
+    assert!(s.contains("\r\nVia: SIP/2.0/TCP 127.0.0.1:5060;"), "{s}");
+}
+
+#[test]
+fn strict_router_repair_and_a_strict_next_hop_together() {
+    let p = proxy();
+    // R-URI is our Record-Route URI (a strict router before us); the remaining first Route is a
+    // strict router too; the last Route is the real target.
+    let msg = req(
+        "BYE",
+        "Route: <sip:192.0.2.99:5080>\r\nRoute: <sip:callee@192.0.2.50>\r\n",
+    )
+    .replace(
+        "BYE sip:+15551234567@carrier.example",
+        "BYE sip:sbc.example.com",
+    )
+    .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let (o, s) = forwarded(handle(&p, &marked(&p, &msg), PBX));
+    assert_eq!(
+        o.to,
+        NextHop::Addr("192.0.2.99:5080".parse().expect("addr"))
+    );
+    assert!(s.starts_with("BYE sip:192.0.2.99:5080 SIP/2.0\r\n"), "{s}");
+    assert!(s.contains("\r\nRoute: <sip:callee@192.0.2.50>\r\n"), "{s}");
+    assert_eq!(s.matches("Route:").count(), 1, "{s}");
+}
+
+#[test]
+fn a_request_is_never_sent_back_to_its_sender() {
+    let p = proxy();
+    // The carrier sends an inbound call while being the configured PBX as well (a misrouting
+    // peer): the gate refuses instead of reflecting it.
+    let cfg = CFG.replace(
+        "address = \"127.0.0.1:5070\"",
+        "address = \"192.0.2.80:5060\"",
+    );
+    let looped = proxy_with(&cfg);
+    let (code, _, _) = replied(handle(&looped, &req("INVITE", ""), CARRIER));
+    assert_eq!(code, 482);
+    let (o, _) = forwarded(handle(&p, &req("INVITE", ""), CARRIER));
+    assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
 }

@@ -34,7 +34,7 @@ async fn udp_call_is_relayed_both_ways_and_stays_on_the_record_route() {
     );
     assert_eq!(header(&fwd, "Max-Forwards"), Some("69"));
     let rr = header(&fwd, "Record-Route").expect("record-routed");
-    assert_eq!(rr, format!("<sip:{};lr>", gate.udp));
+    assert!(rr.starts_with(&format!("<sip:{};lr;cg=", gate.udp)), "{rr}");
     assert!(fwd.ends_with("m=audio 4000 RTP/AVP 0\r\n"), "body intact");
 
     // The carrier answers along the Via path.
@@ -233,9 +233,10 @@ async fn tcp_call_uses_the_connections_both_ways() {
         "connection id carried: {}",
         vias[0]
     );
-    assert_eq!(
-        header(&fwd, "Record-Route"),
-        Some(format!("<sip:{};transport=tcp;lr>", gate.tcp).as_str())
+    let rr = header(&fwd, "Record-Route").expect("record-routed");
+    assert!(
+        rr.starts_with(&format!("<sip:{};transport=tcp;lr;cg=", gate.tcp)),
+        "{rr}"
     );
 
     carrier
@@ -274,12 +275,14 @@ async fn transport_change_inserts_two_record_routes() {
     let mut carrier = TcpPeer::accept(&carrier_l).await;
     let fwd = carrier.recv().await;
     let rr = headers(&fwd, "Record-Route");
-    assert_eq!(
-        rr,
-        [
-            format!("<sip:{};transport=tcp;lr>", gate.tcp),
-            format!("<sip:{};lr>", gate.udp)
-        ]
+    assert_eq!(rr.len(), 2, "{rr:?}");
+    assert!(
+        rr[0].starts_with(&format!("<sip:{};transport=tcp;lr;cg=", gate.tcp)),
+        "{rr:?}"
+    );
+    assert!(
+        rr[1].starts_with(&format!("<sip:{};lr;cg=", gate.udp)),
+        "{rr:?}"
     );
     // The 200 comes back over TCP and leaves over UDP to the PBX.
     carrier
@@ -416,10 +419,8 @@ async fn ipv6_call_over_udp() {
         "{}",
         vias[0]
     );
-    assert_eq!(
-        header(&fwd, "Record-Route"),
-        Some(format!("<sip:{};lr>", gate.udp).as_str())
-    );
+    let rr = header(&fwd, "Record-Route").expect("record-routed");
+    assert!(rr.starts_with(&format!("<sip:{};lr;cg=", gate.udp)), "{rr}");
     carrier
         .send(
             gate.udp,
@@ -437,16 +438,32 @@ async fn ipv6_call_over_udp() {
     gate.stop().await;
 }
 
+/// Set up a dialog through the gate (INVITE from the PBX, forwarded to the carrier) and return
+/// the Record-Route value the gate inserted, which carries the dialog's mark.
+async fn dialog_route(pbx: &UdpPeer, carrier: &UdpPeer, gate: &TestGate, call_id: &str) -> String {
+    pbx.send(
+        gate.udp,
+        &invite(pbx.addr, "UDP", call_id, &format!("z9hG4bK{call_id}"), ""),
+    )
+    .await;
+    let (fwd, _) = carrier.recv().await;
+    header(&fwd, "Record-Route")
+        .expect("record-routed")
+        .to_owned()
+}
+
+/// A BYE from the PBX in the dialog `call_id`, along `route`, to `target`, padded by `pad` bytes.
 fn in_dialog_bye(
     from: std::net::SocketAddr,
-    gate: std::net::SocketAddr,
+    route: &str,
+    call_id: &str,
     target: &str,
     pad: usize,
 ) -> String {
     format!(
         "BYE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bKbye-{pad};rport\r\n\
-         Route: <sip:{gate};lr>\r\nMax-Forwards: 70\r\nFrom: <sip:a@pbx.example>;tag=1\r\n\
-         To: <sip:b@carrier.example>;tag=2\r\nCall-ID: bye-{pad}\r\nCSeq: 2 BYE\r\nX-Pad: {}\r\n\
+         Route: {route}\r\nMax-Forwards: 70\r\nFrom: <sip:+15550001111@pbx.example>;tag=from-{call_id}\r\n\
+         To: <sip:+15551234567@carrier.example>;tag=2\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nX-Pad: {}\r\n\
          Content-Length: 0\r\n\r\n",
         "p".repeat(pad)
     )
@@ -458,9 +475,13 @@ async fn host_name_next_hop_is_resolved() {
     let pbx = UdpPeer::bind().await;
     let carrier = UdpPeer::bind().await;
     let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
+    let route = dialog_route(&pbx, &carrier, &gate, "dns-1").await;
     let target = format!("sip:callee@localhost:{}", carrier.addr.port());
-    pbx.send(gate.udp, &in_dialog_bye(pbx.addr, gate.udp, &target, 1))
-        .await;
+    pbx.send(
+        gate.udp,
+        &in_dialog_bye(pbx.addr, &route, "dns-1", &target, 1),
+    )
+    .await;
     let (bye, _) = carrier.recv().await;
     assert!(bye.starts_with(&format!("BYE {target} SIP/2.0")), "{bye}");
     gate.stop().await;
@@ -474,9 +495,13 @@ async fn large_request_falls_back_to_udp_when_tcp_is_refused() {
     let carrier = UdpPeer::bind().await;
     let gate = TestGate::start(&config(pbx.addr, "udp", carrier.addr, "udp")).await;
     // Nothing listens on TCP at the carrier's UDP port, so the connect is refused.
+    let route = dialog_route(&pbx, &carrier, &gate, "big-1").await;
     let target = format!("sip:callee@{}", carrier.addr);
-    pbx.send(gate.udp, &in_dialog_bye(pbx.addr, gate.udp, &target, 1400))
-        .await;
+    pbx.send(
+        gate.udp,
+        &in_dialog_bye(pbx.addr, &route, "big-1", &target, 1400),
+    )
+    .await;
     let (bye, from) = carrier.recv().await;
     assert_eq!(from, gate.udp);
     assert!(headers(&bye, "Via")[0].starts_with("SIP/2.0/UDP "), "{bye}");
