@@ -16,11 +16,14 @@ use crate::sip::Transport;
 use crate::telemetry::Stats;
 use crate::transport::Shell;
 
+/// After the drain, how long queued TCP writes may take to flush.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Tries to find a port free for both UDP and TCP when a listener asks for port 0.
 const PORT_ATTEMPTS: usize = 16;
 
 /// A gate whose sockets are bound but not yet served.
 pub struct Gate {
+    proxy: Arc<Proxy>,
     shell: Arc<Shell>,
     stats: Arc<Stats>,
     udp: Vec<(usize, Arc<UdpSocket>)>,
@@ -84,7 +87,7 @@ impl Gate {
             udp_by_listener[*i] = Some(s.clone());
         }
         let shell = Shell::new(
-            proxy,
+            proxy.clone(),
             stats.clone(),
             udp_by_listener,
             cfg.tcp,
@@ -93,6 +96,7 @@ impl Gate {
             tracker.clone(),
         );
         Ok(Self {
+            proxy,
             shell,
             stats,
             udp,
@@ -114,27 +118,34 @@ impl Gate {
         self.stats.clone()
     }
 
-    /// Serve until `shutdown` completes, then stop accepting, let in-flight work finish and
-    /// return within the grace period.
+    /// Serve until `shutdown` completes, then drain: for the grace period new calls are turned
+    /// away with 503 (so PBXs fail over), new TCP connections are refused, and everything that
+    /// belongs to existing calls — responses, ACK, CANCEL, BYE — is still relayed. Then every
+    /// loop stops and queued TCP writes get a last moment to flush.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let accept_stop = CancellationToken::new();
         for (i, s) in self.udp {
             self.tracker.spawn(self.shell.clone().run_udp(i, s));
         }
         for (i, l) in self.tcp {
-            self.tracker.spawn(self.shell.clone().run_tcp(i, l));
+            self.tracker
+                .spawn(self.shell.clone().run_tcp(i, l, accept_stop.clone()));
         }
         shutdown.await;
-        tracing::info!("shutting down");
+        tracing::info!(
+            grace_secs = self.grace.as_secs(),
+            "draining: new calls get 503, existing calls are still relayed"
+        );
+        self.proxy.start_draining();
+        accept_stop.cancel();
+        tokio::time::sleep(self.grace).await;
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.grace, self.tracker.wait())
+        if tokio::time::timeout(FLUSH_TIMEOUT, self.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!(
-                grace_secs = self.grace.as_secs(),
-                "in-flight work did not finish within the grace period"
-            );
+            tracing::warn!("some connections did not flush in time");
         }
         tracing::info!("stopped");
         Ok(())

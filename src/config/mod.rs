@@ -84,7 +84,8 @@ pub struct ProxySettings {
     pub record_route: bool,
     /// Largest accepted message.
     pub max_message_size: usize,
-    /// How long in-flight work may take to finish after SIGTERM/SIGINT.
+    /// How long the gate drains after SIGTERM/SIGINT (new calls get 503, existing ones are
+    /// relayed) before it stops.
     pub shutdown_grace: std::time::Duration,
 }
 

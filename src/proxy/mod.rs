@@ -237,6 +237,7 @@ pub struct Proxy {
     default_upstream: Option<usize>,
     record_route: bool,
     keys: (u64, u64),
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// How a request is routed after route preprocessing.
@@ -268,22 +269,32 @@ impl Proxy {
     /// resolved here, once.
     pub fn new(cfg: &Config, listeners: Vec<LocalListener>) -> Result<Self, BuildError> {
         let resolve = |what: String, t: &Target| -> Result<Resolved, BuildError> {
-            let addr = resolve_target(t).map_err(|reason| BuildError::Resolve {
+            let addrs = resolve_target(t).map_err(|reason| BuildError::Resolve {
                 what: what.clone(),
                 host: t.host.clone(),
                 port: t.port,
                 reason,
             })?;
+            let listener_for = |addr: SocketAddr| {
+                let fits = |l: &LocalListener| {
+                    l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4()
+                };
+                match t.listener {
+                    Some(i) => Some(i).filter(|&i| listeners.get(i).is_some_and(fits)),
+                    None => listeners.iter().position(fits),
+                }
+            };
+            // A name may resolve to several families: take the first address a listener can
+            // reach.
+            let addr = addrs
+                .iter()
+                .copied()
+                .find(|&a| listener_for(a).is_some())
+                .unwrap_or(addrs[0]);
             if !is_safe_destination(addr) || listeners.iter().any(|l| l.is_self(addr)) {
                 return Err(BuildError::SelfTarget { what, addr });
             }
-            let fits =
-                |l: &LocalListener| l.serves(t.transport) && l.bound.is_ipv4() == addr.is_ipv4();
-            let listener = match t.listener {
-                Some(i) => Some(i).filter(|&i| listeners.get(i).is_some_and(fits)),
-                None => listeners.iter().position(fits),
-            }
-            .ok_or(BuildError::NoListener {
+            let listener = listener_for(addr).ok_or(BuildError::NoListener {
                 what,
                 transport: t.transport.as_via(),
                 addr,
@@ -327,7 +338,28 @@ impl Proxy {
             default_upstream: cfg.proxy.default_upstream,
             record_route: cfg.proxy.record_route,
             keys,
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Turn away new calls from now on (503), while relaying everything else: the first step of
+    /// a graceful stop.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True for an OPTIONS whose Request-URI is the gate itself (no user part, no Route left
+    /// to follow).
+    fn is_options_for_us(&self, msg: &Message<'_>, req: &RequestView) -> bool {
+        let buf = msg.buf();
+        req.method == Method::Options
+            && req.routes.is_empty()
+            && req.to_tag(buf).is_none()
+            && msg
+                .request_uri_range()
+                .and_then(|r| Uri::parse(buf, r))
+                .is_some_and(|u| u.user.is_none() && self.is_us(buf, &u).is_some())
     }
 
     /// The local listeners.
@@ -391,6 +423,31 @@ impl Proxy {
             && req.to_tag(buf) == Some(self.to_tag(msg, &req.top_via).as_bytes())
         {
             return Action::Absorb;
+        }
+        // RFC 3261 §11: an OPTIONS addressed to the gate itself (a carrier's keep-alive ping) is
+        // answered here, for known peers.
+        if self.is_options_for_us(msg, &req) {
+            let known = !matches!(self.origin(msg, &req, inb), Origin::Unknown);
+            let answer = if known || self.unknown_sources == UnknownSources::Forward {
+                refuse(200, "OK")
+            } else {
+                refuse(403, "Forbidden")
+            };
+            return self.reply(msg, &req, &via_edits, inb, answer);
+        }
+        // While draining before exit, new calls are turned away so the PBX tries another gate;
+        // everything that belongs to existing calls still passes.
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed)
+            && req.method.creates_dialog()
+            && req.to_tag(buf).is_none()
+        {
+            return self.reply(
+                msg,
+                &req,
+                &via_edits,
+                inb,
+                refuse(503, "Service Unavailable (Shutting Down)"),
+            );
         }
         let mut edits = via_edits.clone();
         let hop = match self.next_hop(msg, &req, inb, &mut edits) {
@@ -479,8 +536,9 @@ impl Proxy {
             }
             Some(_) => {}
         }
-        // §16.3 step 3: Max-Forwards of zero → 483 Too Many Hops.
-        if req.max_forwards == Some(0) {
+        // §16.3 step 3: Max-Forwards of zero → 483 Too Many Hops (an OPTIONS for the gate itself
+        // is answered by the gate instead).
+        if req.max_forwards == Some(0) && !self.is_options_for_us(msg, req) {
             return Err(refuse(483, "Too Many Hops"));
         }
         // §16.3 step 6: we support no extensions, so any Proxy-Require option is refused with
@@ -1092,16 +1150,19 @@ fn via_destination(buf: &[u8], via: &Via) -> Option<(NextHop, Transport)> {
 }
 
 /// Resolve a configured target once (IP literals need no lookup).
-fn resolve_target(t: &Target) -> Result<SocketAddr, String> {
+fn resolve_target(t: &Target) -> Result<Vec<SocketAddr>, String> {
     if let Ok(ip) = t.host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, t.port));
+        return Ok(vec![SocketAddr::new(ip, t.port)]);
     }
     use std::net::ToSocketAddrs;
-    (t.host.as_str(), t.port)
+    let addrs: Vec<SocketAddr> = (t.host.as_str(), t.port)
         .to_socket_addrs()
         .map_err(|e| e.to_string())?
-        .next()
-        .ok_or_else(|| "no address".to_owned())
+        .collect();
+    if addrs.is_empty() {
+        return Err("no address".to_owned());
+    }
+    Ok(addrs)
 }
 
 #[cfg(test)]

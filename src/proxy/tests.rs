@@ -999,3 +999,67 @@ fn a_request_is_never_sent_back_to_its_sender() {
     let (o, _) = forwarded(handle(&p, &req("INVITE", ""), CARRIER));
     assert_eq!(o.to, NextHop::Addr("127.0.0.1:5070".parse().expect("addr")));
 }
+
+#[test]
+fn options_for_the_gate_itself_is_answered_for_known_peers() {
+    let p = proxy();
+    let ping = req("OPTIONS", "").replace(
+        "OPTIONS sip:+15551234567@carrier.example",
+        "OPTIONS sip:127.0.0.1:5060",
+    );
+    let (code, o, s) = replied(handle(&p, &ping, CARRIER));
+    assert_eq!(code, 200);
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    assert!(s.contains(";tag=cg"), "{s}");
+    // Max-Forwards 0 is no obstacle for a request the gate answers itself (§16.3 step 3).
+    let zero = ping.replace("Max-Forwards: 70", "Max-Forwards: 0");
+    assert_eq!(replied(handle(&p, &zero, PBX)).0, 200);
+    // Strangers learn nothing.
+    assert_eq!(replied(handle(&p, &ping, "203.0.113.9:5060")).0, 403);
+    // An OPTIONS for someone else is proxied.
+    let (o, _) = forwarded(handle(&p, &req("OPTIONS", ""), PBX));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+}
+
+#[test]
+fn draining_refuses_new_calls_and_relays_the_rest() {
+    let p = proxy();
+    let (_, fwd) = forwarded(handle(&p, &req("INVITE", ""), PBX));
+    p.start_draining();
+    let (code, _, s) = replied(handle(
+        &p,
+        &req("INVITE", "").replace("z9hG4bKabc", "z9hG4bKnew"),
+        PBX,
+    ));
+    assert_eq!(code, 503);
+    assert!(s.starts_with("SIP/2.0 503 Service Unavailable (Shutting Down)\r\n"));
+    assert!(
+        !s.contains("Retry-After"),
+        "the PBX must not blacklist the address"
+    );
+    assert!(matches!(
+        handle(&p, &response_to(&fwd, 180), CARRIER),
+        Action::Forward(_)
+    ));
+    assert!(matches!(
+        handle(&p, &req("CANCEL", ""), PBX),
+        Action::Forward(_)
+    ));
+}
+
+#[test]
+fn an_upstream_name_resolves_to_an_address_a_listener_can_reach() {
+    let cfg = CFG.replace(
+        "address = \"127.0.0.1:5090\"\ntransport = \"tcp\"\nsources = [\"127.0.0.1:5090\"]",
+        "address = \"localhost:5091\"\ntransport = \"tcp\"\nsources = [\"127.0.0.1:5091\"]",
+    );
+    assert!(cfg.contains("localhost:5091"));
+    let p = proxy_with(&cfg);
+    let (o, _) = forwarded(handle(
+        &p,
+        &req("INVITE", "X-Trunk: blue\r\n"),
+        "198.51.100.1:5060",
+    ));
+    // localhost may resolve to ::1 first; only IPv4 listeners exist here.
+    assert_eq!(o.to, NextHop::Addr("127.0.0.1:5091".parse().expect("addr")));
+}

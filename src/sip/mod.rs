@@ -107,6 +107,8 @@ pub enum Method {
     Refer,
     /// NOTIFY (may create a dialog)
     Notify,
+    /// OPTIONS
+    Options,
     /// Any other method.
     Other,
 }
@@ -122,6 +124,7 @@ impl Method {
             b"SUBSCRIBE" => Self::Subscribe,
             b"REFER" => Self::Refer,
             b"NOTIFY" => Self::Notify,
+            b"OPTIONS" => Self::Options,
             _ => Self::Other,
         }
     }

@@ -171,10 +171,16 @@ impl Shell {
         }
     }
 
-    /// Accept TCP connections on listener `listener` until cancelled.
-    pub async fn run_tcp(self: Arc<Self>, listener: usize, sock: TcpListener) {
+    /// Accept TCP connections on listener `listener` until `stop` (or the shell) is cancelled.
+    pub async fn run_tcp(
+        self: Arc<Self>,
+        listener: usize,
+        sock: TcpListener,
+        stop: CancellationToken,
+    ) {
         loop {
             let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
                 _ = self.cancel.cancelled() => return,
                 r = sock.accept() => match r {
                     Ok(x) => x,

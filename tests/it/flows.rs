@@ -508,3 +508,62 @@ async fn large_request_falls_back_to_udp_when_tcp_is_refused() {
     assert_eq!(gate.stats.transport_drops(TransportDrop::ConnectFailed), 1);
     gate.stop().await;
 }
+
+/// SIGTERM drains: new calls get 503 so the PBX tries another gate, while responses for calls
+/// already forwarded are still relayed; then the gate stops within its grace period.
+#[tokio::test]
+async fn draining_turns_away_new_calls_and_relays_existing_ones() {
+    let pbx = UdpPeer::bind().await;
+    let carrier = UdpPeer::bind().await;
+    let cfg = config(pbx.addr, "udp", carrier.addr, "udp")
+        .replace("shutdown_grace_secs = 0", "shutdown_grace_secs = 2");
+    let mut gate = TestGate::start(&cfg).await;
+    pbx.send(
+        gate.udp,
+        &invite(pbx.addr, "UDP", "ringing", "z9hG4bKring", ""),
+    )
+    .await;
+    let (ringing, _) = carrier.recv().await;
+    gate.begin_stop();
+    // New INVITEs until the drain shows: each is either forwarded (before) or answered 503.
+    let mut refused = None;
+    for n in 0..200 {
+        pbx.send(
+            gate.udp,
+            &invite(
+                pbx.addr,
+                "UDP",
+                &format!("new-{n}"),
+                &format!("z9hG4bKn{n}"),
+                "",
+            ),
+        )
+        .await;
+        tokio::select! {
+            (r, _) = pbx.recv() => { refused = Some(r); break; }
+            _ = carrier.recv() => {}
+        }
+    }
+    let refused = refused.expect("new calls are refused while draining");
+    assert!(
+        refused.starts_with("SIP/2.0 503 Service Unavailable (Shutting Down)\r\n"),
+        "{refused}"
+    );
+    // The call that was ringing still gets its answer through the gate.
+    carrier
+        .send(
+            gate.udp,
+            &respond(
+                &ringing,
+                200,
+                "OK",
+                "c",
+                Some(&format!("sip:c@{}", carrier.addr)),
+            ),
+        )
+        .await;
+    let (ok, _) = pbx.recv().await;
+    assert_eq!(status(&ok), 200);
+    assert_eq!(header(&ok, "Call-ID"), Some("ringing"));
+    gate.stop().await;
+}

@@ -55,6 +55,13 @@ impl TestGate {
         }
     }
 
+    /// Signal the gate to stop (it drains for its grace period) without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Stop the gate and wait for it to finish.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -88,7 +95,7 @@ address = "127.0.0.1:0"
 
 [proxy]
 unknown_sources = "reject"
-shutdown_grace_secs = 2
+shutdown_grace_secs = 0
 
 [tcp]
 idle_timeout_secs = 30

@@ -31,6 +31,7 @@ address = "127.0.0.1:0"
 
 [proxy]
 unknown_sources = "reject"
+shutdown_grace_secs = 0
 
 [[upstream]]
 name = "uas"

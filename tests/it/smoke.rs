@@ -101,7 +101,8 @@ fn check_config_reports_every_error_with_line_and_exits_2() {
 async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
     let cfg = std::fs::read_to_string(repo("config/cpsgate.toml"))
         .expect("read")
-        .replace("address = \"127.0.0.1:5060\"", "address = \"127.0.0.1:0\"");
+        .replace("address = \"127.0.0.1:5060\"", "address = \"127.0.0.1:0\"")
+        .replace("shutdown_grace_secs = 5", "shutdown_grace_secs = 1");
     let path = temp_file("run.toml", &cfg);
     let mut child = Command::new(bin())
         .args([
