@@ -19,7 +19,7 @@ Contact: <sip:+15550001111@10.0.0.5:5062>\r\n\
 Allow: INVITE, ACK, CANCEL, BYE, OPTIONS\r\n\
 User-Agent: bench\r\n\
 Content-Type: application/sdp\r\n\
-Content-Length: 129\r\n\r\n\
+Content-Length: 126\r\n\r\n\
 v=0\r\no=- 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n";
 
 const CFG: &str = r#"
@@ -70,6 +70,12 @@ fn bench(c: &mut Criterion) {
         listener: 0,
         conn: None,
     };
+    // Measure the path that matters: the INVITE must really be forwarded.
+    assert!(
+        matches!(proxy.handle(now, &inb), cpsgate::proxy::Action::Forward(_)),
+        "the benchmark INVITE is forwarded: {:?}",
+        proxy.handle(now, &inb)
+    );
     g.bench_function("cpsgate_forward_decision", |b| {
         b.iter(|| proxy.handle(now, std::hint::black_box(&inb)))
     });

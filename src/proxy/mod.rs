@@ -6,7 +6,6 @@
 //! (§16.6: Max-Forwards, Record-Route, Via) → forward. Responses: check and pop our Via, send to
 //! the next one (§16.7, §18.2.2).
 
-use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -164,8 +163,13 @@ impl LocalListener {
     fn is_own_ip(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         canonical_ip(self.bound.ip()) == ip
-            || self.host.trim_start_matches('[').trim_end_matches(']') == ip.to_string()
             || (self.bound.ip().is_unspecified() && ip.is_loopback())
+            || self
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|h| canonical_ip(h) == ip)
     }
 
     /// True when sending to `a` would reach this listener.
@@ -351,15 +355,12 @@ impl Proxy {
 
     /// True for an OPTIONS whose Request-URI is the gate itself (no user part, no Route left
     /// to follow).
-    fn is_options_for_us(&self, msg: &Message<'_>, req: &RequestView) -> bool {
-        let buf = msg.buf();
+    fn is_options_for_us(&self, buf: &[u8], req: &RequestView, ruri: &Uri) -> bool {
         req.method == Method::Options
             && req.routes.is_empty()
             && req.to_tag(buf).is_none()
-            && msg
-                .request_uri_range()
-                .and_then(|r| Uri::parse(buf, r))
-                .is_some_and(|u| u.user.is_none() && self.is_us(buf, &u).is_some())
+            && ruri.user.is_none()
+            && self.is_us(buf, ruri).is_some()
     }
 
     /// The local listeners.
@@ -411,12 +412,12 @@ impl Proxy {
             Err(e) => return self.refuse_raw(inb, 400, &format!("Bad Request ({e})")),
         };
         let via_edits = received_edits(&req.top_via, inb.source);
-        match self.validate(msg, &req) {
-            Ok(()) => {}
+        let ruri = match self.validate(msg, &req) {
+            Ok(u) => u,
             // §17.2.1: an ACK is never answered.
             Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
             Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
-        }
+        };
         // RFC 3261 §8.2.7/§17.2.1: the ACK for a final response we generated ends here. Our To-tag
         // is a keyed hash of the transaction, so no state is needed to recognise it.
         if req.method == Method::Ack
@@ -426,7 +427,7 @@ impl Proxy {
         }
         // RFC 3261 §11: an OPTIONS addressed to the gate itself (a carrier's keep-alive ping) is
         // answered here, for known peers.
-        if self.is_options_for_us(msg, &req) {
+        if self.is_options_for_us(buf, &req, &ruri) {
             let known = !matches!(self.origin(msg, &req, inb), Origin::Unknown);
             let answer = if known || self.unknown_sources == UnknownSources::Forward {
                 refuse(200, "OK")
@@ -450,7 +451,7 @@ impl Proxy {
             );
         }
         let mut edits = via_edits.clone();
-        let hop = match self.next_hop(msg, &req, inb, &mut edits) {
+        let hop = match self.next_hop(msg, &req, inb, ruri, &mut edits) {
             Ok(h) => h,
             // §17.2.1: an ACK is never answered.
             Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
@@ -483,13 +484,19 @@ impl Proxy {
         if to == NextHop::Addr(inb.source) && req.method != Method::Ack {
             return self.reply(msg, &req, &via_edits, inb, refuse(482, "Loop Detected"));
         }
-        let unrewritten = edits.clone();
+        // Our additions stay well under 600 bytes: only a message near the limit may need the
+        // §18.1.1 rewrite below, and only then is a copy of the edits kept.
+        let unrewritten = (buf.len() + 600 > UDP_SIZE_LIMIT).then(|| edits.clone());
         self.rewrite_request(msg, &req, inb, &mut edits, transport, egress);
         let mut data = edits.apply(buf, msg.body_range().end);
         // RFC 3261 §18.1.1: a request larger than 1300 bytes (path MTU unknown) MUST go over a
         // congestion-controlled transport when the next hop did not fix the transport.
         let mut fallback = None;
-        if data.len() > UDP_SIZE_LIMIT && transport == Transport::Udp && !transport_chosen {
+        if let Some(unrewritten) = unrewritten
+            && data.len() > UDP_SIZE_LIMIT
+            && transport == Transport::Udp
+            && !transport_chosen
+        {
             // Only on the same interface: another one may not reach the next hop.
             if self.listeners[egress].tcp {
                 // §18.1.1: when the connection cannot be made, the UDP version is sent instead.
@@ -511,7 +518,8 @@ impl Proxy {
     }
 
     /// RFC 3261 §16.3 request validation (syntax was checked by the scanner and the view).
-    fn validate(&self, msg: &Message<'_>, req: &RequestView) -> Result<(), Refusal> {
+    /// Returns the parsed Request-URI.
+    fn validate(&self, msg: &Message<'_>, req: &RequestView) -> Result<Uri, Refusal> {
         let buf = msg.buf();
         // §16.3 step 1 via §8.2.2: only SIP/2.0 is served (RFC 4475 §3.1.2.16 badvers → 505).
         if !msg.version().eq_ignore_ascii_case(b"SIP/2.0") {
@@ -521,7 +529,7 @@ impl Proxy {
         let ruri_range = msg
             .request_uri_range()
             .expect("requests have a Request-URI");
-        match Uri::parse(buf, ruri_range) {
+        let ruri = match Uri::parse(buf, ruri_range) {
             None => return Err(refuse(400, "Bad Request (Malformed Request-URI)")),
             Some(u) if u.scheme == Scheme::Other => {
                 return Err(refuse(416, "Unsupported URI Scheme"));
@@ -534,11 +542,11 @@ impl Proxy {
                 // We do not serve TLS, so we cannot keep a sips request on a secure path (§26.2.2).
                 return Err(refuse(416, "Unsupported URI Scheme (sips needs TLS)"));
             }
-            Some(_) => {}
-        }
+            Some(u) => u,
+        };
         // §16.3 step 3: Max-Forwards of zero → 483 Too Many Hops (an OPTIONS for the gate itself
         // is answered by the gate instead).
-        if req.max_forwards == Some(0) && !self.is_options_for_us(msg, req) {
+        if req.max_forwards == Some(0) && !self.is_options_for_us(buf, req, &ruri) {
             return Err(refuse(483, "Too Many Hops"));
         }
         // §16.3 step 6: we support no extensions, so any Proxy-Require option is refused with
@@ -551,7 +559,7 @@ impl Proxy {
                 extra: Some(("Unsupported", list)),
             });
         }
-        Ok(())
+        Ok(ruri)
     }
 
     /// Who sent the request. CANCEL and the ACK of a non-2xx answer carry none of the INVITE's
@@ -579,6 +587,7 @@ impl Proxy {
         msg: &Message<'_>,
         req: &RequestView,
         inb: &Inbound<'_>,
+        mut ruri: Uri,
         edits: &mut Edits,
     ) -> Result<Hop, Refusal> {
         let buf = msg.buf();
@@ -595,7 +604,6 @@ impl Proxy {
         let ruri_range = msg
             .request_uri_range()
             .expect("requests have a Request-URI");
-        let mut ruri = Uri::parse(buf, ruri_range.clone()).expect("validated");
         let mark = self.dialog_mark(msg);
         let mut new_ruri = None;
         let mut removed = Vec::new();
@@ -688,7 +696,9 @@ impl Proxy {
         let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
         h.write_u8(b'r');
         h.write(msg.value(HeaderName::CallId).unwrap_or_default());
-        format!("{:012x}", h.finish() >> 16)
+        let mut out = String::with_capacity(12);
+        push_hex(&mut out, h.finish(), 12);
+        out
     }
 
     /// Resolve a URI next hop: address, transport and egress listener (RFC 3263 without DNS
@@ -748,7 +758,7 @@ impl Proxy {
         match msg.first(HeaderName::MaxForwards) {
             Some(h) => {
                 let mf = req.max_forwards.unwrap_or(DEFAULT_MAX_FORWARDS);
-                edits.replace(h.value.clone(), (mf - 1).to_string());
+                edits.replace(h.value.clone(), itoa(u64::from(mf - 1)).as_str());
             }
             None => edits.insert(
                 msg.headers_end(),
@@ -775,18 +785,22 @@ impl Proxy {
         let first_via = &msg.headers()[req.via_elements[0].header];
         let l = &self.listeners[egress];
         let mut via = String::with_capacity(96);
-        let _ = write!(
-            via,
-            "Via: SIP/2.0/{} {}:{};branch={}",
-            out_transport.as_via(),
-            l.host,
-            l.port,
-            self.branch(msg, req)
-        );
+        via.push_str("Via: SIP/2.0/");
+        via.push_str(out_transport.as_via());
+        via.push(' ');
+        via.push_str(&l.host);
+        via.push(':');
+        via.push_str(itoa(u64::from(l.port)).as_str());
+        via.push_str(";branch=");
+        via.push_str(BRANCH_PREFIX);
+        push_hex(&mut via, self.transaction_hash(b'b', msg, &req.top_via), 16);
         if let Some(c) = inb.conn {
-            let _ = write!(via, ";i={c:x}");
+            via.push_str(";i=");
+            via.push_str(&format!("{c:x}"));
         }
-        let _ = write!(via, ";ln={}\r\n", inb.listener);
+        via.push_str(";ln=");
+        via.push_str(itoa(inb.listener as u64).as_str());
+        via.push_str("\r\n");
         edits.insert(first_via.line.start, via);
         // Step 9: a stream needs Content-Length.
         if out_transport == Transport::Tcp && msg.first(HeaderName::ContentLength).is_none() {
@@ -799,11 +813,16 @@ impl Proxy {
 
     fn push_record_route(&self, out: &mut String, listener: usize, t: Transport, mark: &str) {
         let l = &self.listeners[listener];
-        let _ = write!(out, "Record-Route: <sip:{}:{}", l.host, l.port);
+        out.push_str("Record-Route: <sip:");
+        out.push_str(&l.host);
+        out.push(':');
+        out.push_str(itoa(u64::from(l.port)).as_str());
         if t == Transport::Tcp {
             out.push_str(";transport=tcp");
         }
-        let _ = write!(out, ";lr;cg={mark}>\r\n");
+        out.push_str(";lr;cg=");
+        out.push_str(mark);
+        out.push_str(">\r\n");
     }
 
     /// RFC 3261 §16.7 / §16.11 response handling.
@@ -1093,6 +1112,42 @@ fn is_safe_destination(a: SocketAddr) -> bool {
     a.port() != 0 && !bad_ip
 }
 
+/// A small decimal formatter for the hot path (ports, counters) that allocates nothing.
+struct Decimal {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[self.start..]).expect("ASCII digits")
+    }
+}
+
+fn itoa(mut n: u64) -> Decimal {
+    let mut d = Decimal {
+        buf: [0; 20],
+        start: 20,
+    };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return d;
+        }
+    }
+}
+
+/// Append `n` as `width` lower-case hex digits (the low `4 * width` bits), without the fmt
+/// machinery: this runs for every forwarded request.
+fn push_hex(out: &mut String, n: u64, width: u32) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..width).rev() {
+        out.push(char::from(DIGITS[((n >> (4 * i)) & 0xf) as usize]));
+    }
+}
+
 /// The top Via of a message, if it parses.
 fn top_via(msg: &Message<'_>) -> Option<Via> {
     let e = elements(msg, HeaderName::Via).into_iter().next()?;
@@ -1107,7 +1162,10 @@ fn received_edits(via: &Via, src: SocketAddr) -> Edits {
     let sent_by_is_src = matches!(via.host, Host::Ip(h) if canonical_ip(h) == ip);
     let rport = !matches!(via.rport, Rport::Absent);
     if let Rport::Requested(r) = &via.rport {
-        e.replace(r.clone(), format!("rport={}", src.port()));
+        let mut v = String::with_capacity(11);
+        v.push_str("rport=");
+        v.push_str(itoa(u64::from(src.port())).as_str());
+        e.replace(r.clone(), v);
     }
     if !sent_by_is_src || rport {
         match &via.received {

@@ -55,27 +55,24 @@ impl HeaderName {
                 _ => Self::Other,
             };
         }
-        const NAMES: [(&[u8], HeaderName); 12] = [
-            (b"via", HeaderName::Via),
-            (b"from", HeaderName::From),
-            (b"to", HeaderName::To),
-            (b"call-id", HeaderName::CallId),
-            (b"cseq", HeaderName::CSeq),
-            (b"max-forwards", HeaderName::MaxForwards),
-            (b"route", HeaderName::Route),
-            (b"record-route", HeaderName::RecordRoute),
-            (b"content-length", HeaderName::ContentLength),
-            (b"contact", HeaderName::Contact),
-            (b"authorization", HeaderName::Authorization),
-            (b"proxy-authorization", HeaderName::ProxyAuthorization),
-        ];
-        if name.eq_ignore_ascii_case(b"proxy-require") {
-            return Self::ProxyRequire;
+        // Dispatch on length first: one comparison per header line instead of a scan.
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            2 if is(b"to") => Self::To,
+            3 if is(b"via") => Self::Via,
+            4 if is(b"from") => Self::From,
+            4 if is(b"cseq") => Self::CSeq,
+            5 if is(b"route") => Self::Route,
+            7 if is(b"call-id") => Self::CallId,
+            7 if is(b"contact") => Self::Contact,
+            12 if is(b"max-forwards") => Self::MaxForwards,
+            12 if is(b"record-route") => Self::RecordRoute,
+            13 if is(b"authorization") => Self::Authorization,
+            13 if is(b"proxy-require") => Self::ProxyRequire,
+            14 if is(b"content-length") => Self::ContentLength,
+            19 if is(b"proxy-authorization") => Self::ProxyAuthorization,
+            _ => Self::Other,
         }
-        NAMES
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map_or(Self::Other, |&(_, h)| h)
     }
 }
 
