@@ -12,6 +12,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod limiter;
 pub mod proxy;
 pub mod routing;
 pub mod sip;

@@ -1,0 +1,387 @@
+//! GCRA (the generic cell rate algorithm, as a virtual scheduler): one atomic "theoretical
+//! arrival time" (TAT) per bucket. A cell conforms when `max(TAT, now) - now <= tolerance`;
+//! admitting it moves TAT one emission interval further. With `interval = 1/rate` and
+//! `tolerance = (burst - 1) · interval`, any window of length `t` admits at most `rate·t + burst`
+//! cells, from the first second on — no counter that resets, no 2× at a boundary.
+//!
+//! Time is nanoseconds since the limiter's epoch, passed in by the caller: nothing here reads a
+//! clock. TAT 0 means "never used" (a full bucket).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Nanoseconds per second.
+const NS: f64 = 1e9;
+
+/// A rate limit: `rate` cells per second, `burst` cells back to back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    /// Cells per second (> 0).
+    pub rate: f64,
+    /// Cells admitted back to back (≥ 1).
+    pub burst: u32,
+}
+
+/// The limiter's time base: instants become nanoseconds since it.
+#[derive(Debug, Clone, Copy)]
+pub struct Epoch(Instant);
+
+impl Epoch {
+    /// Count time from `start`.
+    pub fn new(start: Instant) -> Self {
+        Self(start)
+    }
+
+    /// `now` as nanoseconds since the epoch (0 for earlier instants).
+    pub fn ns(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.0).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The parameters of a bucket, changeable in place.
+#[derive(Debug)]
+pub struct Params {
+    interval: AtomicU64,
+    tolerance: AtomicU64,
+}
+
+impl Params {
+    /// Parameters for a limit.
+    pub fn new(limit: Limit) -> Self {
+        let (i, t) = Self::split(limit);
+        Self {
+            interval: AtomicU64::new(i),
+            tolerance: AtomicU64::new(t),
+        }
+    }
+
+    fn split(limit: Limit) -> (u64, u64) {
+        let interval = (NS / limit.rate).round().max(1.0) as u64;
+        let tolerance = interval.saturating_mul(u64::from(limit.burst.max(1) - 1));
+        (interval, tolerance)
+    }
+
+    /// (interval, tolerance) in nanoseconds.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.interval.load(Ordering::Relaxed),
+            self.tolerance.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The limit these parameters express.
+    pub fn limit(&self) -> Limit {
+        let (i, t) = self.get();
+        Limit {
+            rate: NS / i as f64,
+            burst: u32::try_from(t / i + 1).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Change the parameters in place.
+    pub(crate) fn set(&self, limit: Limit) {
+        let (i, t) = Self::split(limit);
+        self.interval.store(i, Ordering::Relaxed);
+        self.tolerance.store(t, Ordering::Relaxed);
+    }
+}
+
+/// Admit one cell at `now` (ns) if it conforms; otherwise the wait until it would.
+pub fn acquire(tat: &AtomicU64, p: &Params, now: u64) -> Result<(), Duration> {
+    let (interval, tolerance) = p.get();
+    let mut cur = tat.load(Ordering::Acquire);
+    loop {
+        let base = cur.max(now);
+        let ahead = base - now;
+        if ahead > tolerance {
+            return Err(Duration::from_nanos(ahead - tolerance));
+        }
+        match tat.compare_exchange_weak(cur, base + interval, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(()),
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// Reserve the next conforming slot if it comes within `max_wait`: `Ok(delay)` until the cell
+/// may go (zero when it conforms now), `Err(wait)` when the slot is further away.
+pub fn reserve(
+    tat: &AtomicU64,
+    p: &Params,
+    now: u64,
+    max_wait: Duration,
+) -> Result<Duration, Duration> {
+    let (interval, tolerance) = p.get();
+    let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
+    let mut cur = tat.load(Ordering::Acquire);
+    loop {
+        let base = cur.max(now);
+        let delay = (base - now).saturating_sub(tolerance);
+        if delay > max_wait {
+            return Err(Duration::from_nanos(delay));
+        }
+        match tat.compare_exchange_weak(cur, base + interval, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(Duration::from_nanos(delay)),
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// Undo exactly one admitted cell (a later stage refused the call).
+pub fn refund(tat: &AtomicU64, p: &Params) {
+    let (interval, _) = p.get();
+    let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+        Some(cur.saturating_sub(interval))
+    });
+}
+
+/// True when the bucket is full again (nothing owed at `now`): it can be forgotten and
+/// recreated without changing any decision.
+pub fn is_idle(tat: &AtomicU64, now: u64) -> bool {
+    tat.load(Ordering::Acquire) <= now
+}
+
+/// A single bucket with its own parameters.
+#[derive(Debug)]
+pub struct Gcra {
+    epoch: Epoch,
+    params: Params,
+    tat: AtomicU64,
+}
+
+impl Gcra {
+    /// A full bucket.
+    pub fn new(limit: Limit, epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            params: Params::new(limit),
+            tat: AtomicU64::new(0),
+        }
+    }
+
+    /// Admit one cell, or say how long until one would conform.
+    pub fn try_acquire(&self, now: Instant) -> Result<(), Duration> {
+        acquire(&self.tat, &self.params, self.epoch.ns(now))
+    }
+
+    /// Undo exactly one admitted cell.
+    pub fn refund(&self) {
+        refund(&self.tat, &self.params);
+    }
+
+    /// Reserve the next slot within `max_wait` (pacing): the delay until it, or the wait that
+    /// exceeded `max_wait`.
+    pub fn reserve(&self, now: Instant, max_wait: Duration) -> Result<Duration, Duration> {
+        reserve(&self.tat, &self.params, self.epoch.ns(now), max_wait)
+    }
+
+    /// Change rate and burst in place, keeping the cells already used: the debt (TAT ahead of
+    /// now) is rescaled from the old interval to the new one, so a reload never grants a fresh
+    /// burst.
+    pub fn rescale(&self, now: Instant, limit: Limit) {
+        let now = self.epoch.ns(now);
+        let (old_interval, _) = self.params.get();
+        let (new_interval, _) = Params::split(limit);
+        self.params.set(limit);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                if cur <= now {
+                    return Some(cur);
+                }
+                let cells = (cur - now) as f64 / old_interval as f64;
+                Some(now + (cells * new_interval as f64).round() as u64)
+            });
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> Limit {
+        self.params.limit()
+    }
+
+    /// Cells that could be admitted back to back at `now`.
+    pub fn available(&self, now: Instant) -> u32 {
+        let (interval, tolerance) = self.params.get();
+        let now = self.epoch.ns(now);
+        let ahead = self.tat.load(Ordering::Acquire).saturating_sub(now);
+        u32::try_from((tolerance + interval).saturating_sub(ahead) / interval).unwrap_or(u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn burst_then_exact_spacing() {
+        let t0 = Instant::now();
+        let b = Gcra::new(
+            Limit {
+                rate: 10.0,
+                burst: 3,
+            },
+            Epoch::new(t0),
+        );
+        for _ in 0..3 {
+            assert!(b.try_acquire(t0).is_ok());
+        }
+        assert_eq!(b.try_acquire(t0), Err(Duration::from_millis(100)));
+        assert!(b.try_acquire(at(t0, 99)).is_err());
+        assert!(b.try_acquire(at(t0, 100)).is_ok());
+        assert!(b.try_acquire(at(t0, 150)).is_err());
+        assert!(b.try_acquire(at(t0, 200)).is_ok());
+    }
+
+    #[test]
+    fn first_second_never_exceeds_rate_plus_burst() {
+        let t0 = Instant::now();
+        let b = Gcra::new(
+            Limit {
+                rate: 20.0,
+                burst: 1,
+            },
+            Epoch::new(t0),
+        );
+        // 1000 attempts spread over the first second: 20 pass, not 40 as with a reset counter.
+        let admitted = (0..1000)
+            .filter(|i| b.try_acquire(at(t0, *i)).is_ok())
+            .count();
+        assert_eq!(admitted, 20);
+    }
+
+    #[test]
+    fn reserve_gives_the_next_slot_within_max_wait() {
+        let t0 = Instant::now();
+        let b = Gcra::new(
+            Limit {
+                rate: 10.0,
+                burst: 1,
+            },
+            Epoch::new(t0),
+        );
+        assert_eq!(b.reserve(t0, Duration::from_secs(1)), Ok(Duration::ZERO));
+        assert_eq!(
+            b.reserve(t0, Duration::from_secs(1)),
+            Ok(Duration::from_millis(100))
+        );
+        assert_eq!(
+            b.reserve(t0, Duration::from_secs(1)),
+            Ok(Duration::from_millis(200))
+        );
+        assert_eq!(
+            b.reserve(t0, Duration::from_millis(250)),
+            Err(Duration::from_millis(300))
+        );
+    }
+
+    #[test]
+    fn rescale_keeps_the_debt() {
+        let t0 = Instant::now();
+        let b = Gcra::new(
+            Limit {
+                rate: 10.0,
+                burst: 10,
+            },
+            Epoch::new(t0),
+        );
+        for _ in 0..10 {
+            assert!(b.try_acquire(t0).is_ok());
+        }
+        // Doubling rate and burst: the 10 used cells stay used; 10 of the new 20 remain.
+        b.rescale(
+            t0,
+            Limit {
+                rate: 20.0,
+                burst: 20,
+            },
+        );
+        assert_eq!(b.available(t0), 10);
+        assert_eq!(
+            b.limit(),
+            Limit {
+                rate: 20.0,
+                burst: 20
+            }
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any arrival sequence: admitted cells in any window of length t ≤ rate·t + burst.
+        #[test]
+        fn admitted_never_exceed_rate_times_t_plus_burst(
+            rate in 1u32..200,
+            burst in 1u32..20,
+            gaps in proptest::collection::vec(0u64..50_000_000, 1..400),
+        ) {
+            let t0 = Instant::now();
+            let b = Gcra::new(Limit { rate: f64::from(rate), burst }, Epoch::new(t0));
+            let mut now = 0u64;
+            let mut admitted = Vec::new();
+            for g in gaps {
+                now += g;
+                if b.try_acquire(t0 + Duration::from_nanos(now)).is_ok() {
+                    admitted.push(now);
+                }
+            }
+            for (i, start) in admitted.iter().enumerate() {
+                for (j, end) in admitted.iter().enumerate().skip(i) {
+                    let t = (end - start) as f64 / 1e9;
+                    let n = (j - i + 1) as f64;
+                    // One nanosecond of rounding per cell in the interval.
+                    prop_assert!(n <= f64::from(rate) * t + f64::from(burst) + 1e-6 * n,
+                        "{n} cells in {t} s at rate {rate} burst {burst}");
+                }
+            }
+        }
+
+        /// A refund restores exactly one cell.
+        #[test]
+        fn refund_restores_exactly_one_cell(rate in 1u32..100, burst in 1u32..20, used in 0u32..40) {
+            let t0 = Instant::now();
+            let b = Gcra::new(Limit { rate: f64::from(rate), burst }, Epoch::new(t0));
+            let mut admitted = 0;
+            for _ in 0..used {
+                if b.try_acquire(t0).is_ok() {
+                    admitted += 1;
+                }
+            }
+            let before = b.available(t0);
+            if admitted > 0 {
+                b.refund();
+                prop_assert_eq!(b.available(t0), before + 1);
+            }
+        }
+
+        /// A rescale never grants a fresh full burst.
+        #[test]
+        fn rescale_never_grants_a_fresh_burst(
+            rate in 1u32..100, burst in 2u32..30, used in 1u32..30,
+            new_rate in 1u32..100, new_burst in 2u32..30,
+        ) {
+            let t0 = Instant::now();
+            let b = Gcra::new(Limit { rate: f64::from(rate), burst }, Epoch::new(t0));
+            let mut admitted = 0u32;
+            for _ in 0..used {
+                if b.try_acquire(t0).is_ok() {
+                    admitted += 1;
+                }
+            }
+            b.rescale(t0, Limit { rate: f64::from(new_rate), burst: new_burst });
+            let mut again = 0u32;
+            while b.try_acquire(t0).is_ok() {
+                again += 1;
+            }
+            // The cells used stay used in the new bucket (±1 for rounding).
+            let allowed = new_burst.saturating_sub(admitted) + 1;
+            prop_assert!(again <= allowed, "{again} > {allowed}");
+            prop_assert!(admitted == 0 || again < new_burst, "a full fresh burst after using {admitted}");
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! CPS limiting: GCRA buckets ([`gcra`]), bounded keyed tables ([`table`]) and the all-or-none
+//! admission chain. Nothing here reads a clock or knows SIP; callers pass `now` and keys.
+//!
+//! The chain, for one initial INVITE: the trunk's bucket (or, for traffic on no trunk, the
+//! per-source bucket) → the optional per-username bucket → the account pool → the optional
+//! global bucket. A stage that admitted is refunded when a later one refuses, so a refused call
+//! consumes nothing anywhere.
+
+pub mod gcra;
+pub mod table;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use gcra::{Epoch, Gcra, Limit};
+pub use table::{BoundedMap, Expiring, KeyedBuckets};
+
+/// A stage of the admission chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// The trunk's own limit.
+    Trunk,
+    /// The per-source-IP limit of traffic on no trunk.
+    Source,
+    /// The per-SIP-username limit.
+    Username,
+    /// The parent account's pool.
+    Account,
+    /// The global protection limit.
+    Global,
+}
+
+impl Stage {
+    /// Every stage, in chain order.
+    pub const ALL: [Stage; 5] = [
+        Stage::Trunk,
+        Stage::Source,
+        Stage::Username,
+        Stage::Account,
+        Stage::Global,
+    ];
+
+    /// Stable label for logs, metrics and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Trunk => "trunk",
+            Stage::Source => "source",
+            Stage::Username => "username",
+            Stage::Account => "account",
+            Stage::Global => "global",
+        }
+    }
+
+    /// Position in [`Stage::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The first stage of a call: its trunk, or its source when it is on no trunk.
+#[derive(Debug, Clone, Copy)]
+pub enum First {
+    /// Trunk index.
+    Trunk(usize),
+    /// Keyed hash of the source IP.
+    Source(u64),
+}
+
+/// What one call must pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    /// Stage 1.
+    pub first: First,
+    /// Keyed hash of the SIP username, when the call has one.
+    pub username: Option<u64>,
+    /// Account index, when the trunk has a parent account.
+    pub account: Option<usize>,
+}
+
+/// A refusal: which stage, and when a cell would conform there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The stage that refused.
+    pub stage: Stage,
+    /// Time until that stage would admit.
+    pub retry_after: Duration,
+}
+
+/// Limits of one configuration, by name (names carry bucket state across reloads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainSpec {
+    /// Trunks in config order.
+    pub trunks: Vec<(String, Limit)>,
+    /// Accounts in config order.
+    pub accounts: Vec<(String, Limit)>,
+    /// Per-source limit for traffic on no trunk.
+    pub source: Limit,
+    /// Per-username limit, if any.
+    pub username: Option<Limit>,
+    /// Global limit, if any.
+    pub global: Option<Limit>,
+    /// Cap of the per-source and per-username tables each.
+    pub table_cap: usize,
+}
+
+/// The buckets of one configuration. Trunk and account buckets are shared (`Arc`) with the chain
+/// a reload builds, so their state survives it.
+pub struct Chain {
+    epoch: Epoch,
+    trunks: Vec<(String, Arc<Gcra>)>,
+    accounts: Vec<(String, Arc<Gcra>)>,
+    sources: Arc<KeyedBuckets>,
+    usernames: Option<Arc<KeyedBuckets>>,
+    global: Option<Arc<Gcra>>,
+}
+
+impl Chain {
+    /// Fresh (full) buckets for `spec`.
+    pub fn new(spec: &ChainSpec, epoch: Epoch) -> Self {
+        let fresh = |list: &[(String, Limit)]| {
+            list.iter()
+                .map(|(n, l)| (n.clone(), Arc::new(Gcra::new(*l, epoch))))
+                .collect()
+        };
+        Self {
+            epoch,
+            trunks: fresh(&spec.trunks),
+            accounts: fresh(&spec.accounts),
+            sources: Arc::new(KeyedBuckets::new(spec.source, spec.table_cap)),
+            usernames: spec
+                .username
+                .map(|l| Arc::new(KeyedBuckets::new(l, spec.table_cap))),
+            global: spec.global.map(|l| Arc::new(Gcra::new(l, epoch))),
+        }
+    }
+
+    /// The chain for a new configuration: buckets whose name remains keep their state and get
+    /// the new limit in place (the cells used stay used); new names start full; removed ones go.
+    pub fn reload(&self, spec: &ChainSpec, now: Instant) -> Self {
+        let carry = |old: &[(String, Arc<Gcra>)], new: &[(String, Limit)]| {
+            new.iter()
+                .map(|(n, l)| {
+                    let bucket = match old.iter().find(|(o, _)| o == n) {
+                        Some((_, b)) => {
+                            b.rescale(now, *l);
+                            b.clone()
+                        }
+                        None => Arc::new(Gcra::new(*l, self.epoch)),
+                    };
+                    (n.clone(), bucket)
+                })
+                .collect()
+        };
+        self.sources.set_limit(spec.source);
+        let usernames = match (&self.usernames, spec.username) {
+            (Some(t), Some(l)) => {
+                t.set_limit(l);
+                Some(t.clone())
+            }
+            (None, Some(l)) => Some(Arc::new(KeyedBuckets::new(l, spec.table_cap))),
+            (_, None) => None,
+        };
+        let global = match (&self.global, spec.global) {
+            (Some(b), Some(l)) => {
+                b.rescale(now, l);
+                Some(b.clone())
+            }
+            (None, Some(l)) => Some(Arc::new(Gcra::new(l, self.epoch))),
+            (_, None) => None,
+        };
+        Self {
+            epoch: self.epoch,
+            trunks: carry(&self.trunks, &spec.trunks),
+            accounts: carry(&self.accounts, &spec.accounts),
+            sources: self.sources.clone(),
+            usernames,
+            global,
+        }
+    }
+
+    /// The time base.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Run one call through every stage, all or none.
+    pub fn admit(&self, now: Instant, ask: &Ask) -> Result<(), Refused> {
+        let ns = self.epoch.ns(now);
+        let refused = |stage, retry_after| Refused { stage, retry_after };
+        match ask.first {
+            First::Trunk(t) => self.trunks[t]
+                .1
+                .try_acquire(now)
+                .map_err(|w| refused(Stage::Trunk, w))?,
+            First::Source(k) => self
+                .sources
+                .try_acquire(k, ns)
+                .map_err(|w| refused(Stage::Source, w))?,
+        }
+        let undo_first = || match ask.first {
+            First::Trunk(t) => self.trunks[t].1.refund(),
+            First::Source(k) => self.sources.refund(k),
+        };
+        let user = ask.username.zip(self.usernames.as_ref());
+        if let Some((k, table)) = user
+            && let Err(w) = table.try_acquire(k, ns)
+        {
+            undo_first();
+            return Err(refused(Stage::Username, w));
+        }
+        let undo_user = || {
+            if let Some((k, table)) = user {
+                table.refund(k);
+            }
+        };
+        let account = ask.account.map(|a| &self.accounts[a].1);
+        if let Some(pool) = account
+            && let Err(w) = pool.try_acquire(now)
+        {
+            undo_user();
+            undo_first();
+            return Err(refused(Stage::Account, w));
+        }
+        if let Some(g) = &self.global
+            && let Err(w) = g.try_acquire(now)
+        {
+            if let Some(pool) = account {
+                pool.refund();
+            }
+            undo_user();
+            undo_first();
+            return Err(refused(Stage::Global, w));
+        }
+        Ok(())
+    }
+
+    /// A trunk's bucket.
+    pub fn trunk(&self, t: usize) -> &Gcra {
+        &self.trunks[t].1
+    }
+
+    /// An account's bucket.
+    pub fn account(&self, a: usize) -> &Gcra {
+        &self.accounts[a].1
+    }
+
+    /// The per-source table.
+    pub fn sources(&self) -> &KeyedBuckets {
+        &self.sources
+    }
+
+    /// The per-username table, if configured.
+    pub fn usernames(&self) -> Option<&KeyedBuckets> {
+        self.usernames.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests;
