@@ -3,7 +3,18 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::proxy::{Action, DropReason};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use crate::limiter::Stage;
+use crate::proxy::{Action, DropReason, Rejection};
+use crate::sip::Transport;
+
+/// Distinct rejection log keys remembered for suppression before the memory is cleared.
+const LOG_KEYS_MAX: usize = 10_000;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -88,11 +99,57 @@ pub struct Stats {
     pub pings: AtomicU64,
     /// TCP connections opened (in and out).
     pub connections: AtomicU64,
+    /// Calls refused, by stage (in `Stage::ALL` order).
+    rejected: [AtomicU64; Stage::ALL.len()],
+    /// Retransmissions of refused INVITEs answered from the decision cache.
+    pub retransmissions: AtomicU64,
+    /// Rejection log lines left out by the per-key limit.
+    pub suppressed_logs: AtomicU64,
+    reject_log: RejectLog,
+}
+
+/// At most one rejection line per key (stage and trunk, account, source or username) per
+/// second; the next line says how many were left out, so logging cannot become the bottleneck
+/// under a flood.
+#[derive(Debug, Default)]
+struct RejectLog {
+    keys: DashMap<u64, (u64, u64)>,
+    start: std::sync::OnceLock<Instant>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl RejectLog {
+    /// `Some(n suppressed since the last line)` when this event may be logged now.
+    fn admit(&self, r: &Rejection, source: SocketAddr) -> Option<u64> {
+        let mut h = self.hasher.build_hasher();
+        r.stage.hash(&mut h);
+        match r.stage {
+            Stage::Trunk => r.trunk.hash(&mut h),
+            Stage::Account => r.account.hash(&mut h),
+            Stage::Source => source.ip().hash(&mut h),
+            Stage::Username => r.username.hash(&mut h),
+            Stage::Global => {}
+        }
+        let key = h.finish();
+        let second = self.start.get_or_init(Instant::now).elapsed().as_secs();
+        if self.keys.len() >= LOG_KEYS_MAX && !self.keys.contains_key(&key) {
+            self.keys.clear();
+        }
+        let mut e = self.keys.entry(key).or_insert((u64::MAX, 0));
+        if e.0 == second {
+            e.1 += 1;
+            None
+        } else {
+            let suppressed = std::mem::take(&mut e.1);
+            e.0 = second;
+            Some(suppressed)
+        }
+    }
 }
 
 impl Stats {
-    /// Count one decision of the core, and log drops at debug level.
-    pub fn record(&self, action: &Action, source: std::net::SocketAddr) {
+    /// Count one decision of the core; log refusals (rate-limited per key) and drops (debug).
+    pub fn record(&self, action: &Action, source: SocketAddr, transport: Transport) {
         self.received.fetch_add(1, Ordering::Relaxed);
         match action {
             Action::Forward(_) => {
@@ -102,6 +159,30 @@ impl Stats {
                 let class = usize::from(code / 100).min(6);
                 self.replies[class].fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%source, code, "answered locally");
+            }
+            Action::Reject(r, _) => {
+                if r.retransmission {
+                    self.retransmissions.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.rejected[r.stage.index()].fetch_add(1, Ordering::Relaxed);
+                match self.reject_log.admit(r, source) {
+                    Some(suppressed) => tracing::info!(
+                        %source,
+                        transport = transport.as_via(),
+                        stage = r.stage.as_str(),
+                        trunk = r.trunk.as_deref().unwrap_or("-"),
+                        account = r.account.as_deref().unwrap_or("-"),
+                        username = r.username.as_deref().unwrap_or("-"),
+                        call_id = %r.call_id,
+                        retry_after_ms = r.retry_after.as_millis() as u64,
+                        suppressed_similar = suppressed,
+                        "call refused by CPS limit"
+                    ),
+                    None => {
+                        self.suppressed_logs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             Action::Absorb => {
                 self.absorbed.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +211,11 @@ impl Stats {
             .position(|x| *x == r)
             .expect("ALL lists every reason");
         self.drops[i].load(Ordering::Relaxed)
+    }
+
+    /// Calls refused at `stage` so far (retransmissions not included).
+    pub fn rejected(&self, stage: Stage) -> u64 {
+        self.rejected[stage.index()].load(Ordering::Relaxed)
     }
 
     /// Transport drops of one reason so far.

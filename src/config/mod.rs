@@ -40,8 +40,40 @@ pub struct Config {
     pub accounts: Vec<Account>,
     /// Trunks, in match order.
     pub trunks: Vec<Trunk>,
+    /// The stages beyond trunks and accounts.
+    pub limits: Limits,
+    /// The answer to a call over a limit.
+    pub reply: Reply,
     /// Legal but risky choices, logged at start and printed by `check-config`.
     pub warnings: Vec<String>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Per-source-IP limit for traffic on no trunk (`unknown_sources = "limit"`).
+    pub unknown_source: Limit,
+    /// Per-SIP-username limit, if any.
+    pub username: Option<Limit>,
+    /// Global protection limit, if any.
+    pub global: Option<Limit>,
+    /// Cap of the per-source and per-username tables (each).
+    pub table_size: usize,
+    /// Cap of the decision cache (retransmissions, CANCEL, auth retries).
+    pub decision_cache_size: usize,
+    /// Charge an INVITE re-sent with credentials after a 401/407 again.
+    pub charge_auth_retry: bool,
+}
+
+/// `[reply]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Status code (default 503).
+    pub code: u16,
+    /// Reason phrase per stage, in `limiter::Stage::ALL` order.
+    pub reasons: [String; 5],
+    /// `Retry-After` range in seconds, when configured.
+    pub retry_after: Option<(u32, u32)>,
 }
 
 /// One local address.
@@ -67,6 +99,8 @@ pub enum UnknownSources {
     Reject,
     /// Forward to `default_upstream`.
     Forward,
+    /// Forward to `default_upstream` under a per-source-IP limit (`[limits] unknown_source`).
+    Limit,
 }
 
 /// `[proxy]`.
@@ -134,14 +168,7 @@ pub struct Upstream {
     pub sources: Vec<Cidr>,
 }
 
-/// A rate: `rate` cells per second, `burst` cells at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limit {
-    /// Calls per second.
-    pub rate: f64,
-    /// Calls admitted back to back.
-    pub burst: u32,
-}
+pub use crate::limiter::Limit;
 
 /// `[[account]]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -278,6 +305,8 @@ struct RawDoc {
     upstream: Vec<raw::Upstream>,
     account: Vec<raw::Account>,
     trunk: Vec<raw::Trunk>,
+    limits: raw::Limits,
+    reply: raw::Reply,
 }
 
 impl<'t> Validator<'t> {
@@ -380,11 +409,13 @@ impl<'t> Validator<'t> {
                 "udp" => doc.udp = self.section(key, v).unwrap_or_default(),
                 "tcp" => doc.tcp = self.section(key, v).unwrap_or_default(),
                 "pbx" => doc.pbx = self.section(key, v),
+                "limits" => doc.limits = self.section(key, v).unwrap_or_default(),
+                "reply" => doc.reply = self.section(key, v).unwrap_or_default(),
                 other => self.err(
                     k.span(),
                     other,
                     "",
-                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk)",
+                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply)",
                 ),
             }
         }
@@ -481,6 +512,8 @@ impl<'t> Validator<'t> {
             _ => Vec::new(),
         };
         self.check_listener_overlap(&listeners, &doc.listen);
+        let limits = self.limits(&doc.limits);
+        let reply = self.reply(&doc.reply);
         if !self.errors.is_empty() {
             return None;
         }
@@ -495,8 +528,105 @@ impl<'t> Validator<'t> {
             upstreams,
             accounts,
             trunks,
+            limits,
+            reply,
             warnings,
         })
+    }
+
+    fn rate(&mut self, key: &str, r: Option<&raw::Rate>) -> Option<Limit> {
+        r.and_then(|r| self.limit(key, &r.rate, r.burst.as_ref()))
+    }
+
+    fn limits(&mut self, l: &raw::Limits) -> Limits {
+        Limits {
+            unknown_source: self
+                .rate("limits.unknown_source", l.unknown_source.as_ref())
+                .unwrap_or(Limit {
+                    rate: 20.0,
+                    burst: 1,
+                }),
+            username: self.rate("limits.username", l.username.as_ref()),
+            global: self.rate("limits.global", l.global.as_ref()),
+            table_size: self.size(
+                "limits.table_size",
+                l.table_size.as_ref(),
+                1_000_000,
+                1..=100_000_000,
+            ),
+            decision_cache_size: self.size(
+                "limits.decision_cache_size",
+                l.decision_cache_size.as_ref(),
+                500_000,
+                1..=100_000_000,
+            ),
+            charge_auth_retry: l.charge_auth_retry.unwrap_or(false),
+        }
+    }
+
+    fn reply(&mut self, r: &raw::Reply) -> Reply {
+        let code = match &r.code {
+            None => 503,
+            Some(c) if (400..=699).contains(c.get_ref()) => *c.get_ref() as u16,
+            Some(c) => {
+                self.err_at(
+                    c,
+                    "reply.code",
+                    "must be a final error status between 400 and 699",
+                );
+                503
+            }
+        };
+        let mut reason = |key: &str, v: &Option<Spanned<String>>, default: &str| match v {
+            None => default.to_owned(),
+            Some(s) if !s.get_ref().is_empty() && s.get_ref().chars().all(|c| !c.is_control()) => {
+                s.get_ref().clone()
+            }
+            Some(s) => {
+                self.err_at(
+                    s,
+                    format!("reply.reasons.{key}"),
+                    "must be a non-empty phrase without control characters",
+                );
+                default.to_owned()
+            }
+        };
+        let reasons = [
+            reason("trunk", &r.reasons.trunk, "CPS Limit reached"),
+            reason("source", &r.reasons.source, "Source CPS Limit reached"),
+            reason(
+                "username",
+                &r.reasons.username,
+                "Username CPS Limit reached",
+            ),
+            reason("account", &r.reasons.account, "Account CPS Limit reached"),
+            reason("global", &r.reasons.global, "Global CPS Limit reached"),
+        ];
+        let retry_after = r.retry_after.as_ref().and_then(|ra| {
+            let (min, max) = (*ra.min.get_ref(), *ra.max.get_ref());
+            if !(1..=3600).contains(&min) {
+                self.err_at(
+                    &ra.min,
+                    "reply.retry_after.min",
+                    "must be between 1 and 3600 seconds",
+                );
+                return None;
+            }
+            if !(min..=3600).contains(&max) {
+                self.err_at(
+                    &ra.max,
+                    "reply.retry_after.max",
+                    "must be between min and 3600 seconds",
+                );
+                return None;
+            }
+            Some((min as u32, max as u32))
+        });
+        Reply {
+            code,
+            reasons,
+            retry_after,
+        }
     }
 
     /// Two listeners on one port and family where one binds every interface cannot both bind.
@@ -846,11 +976,12 @@ impl<'t> Validator<'t> {
             Some(s) => match s.get_ref().as_str() {
                 "reject" => UnknownSources::Reject,
                 "forward" => UnknownSources::Forward,
+                "limit" => UnknownSources::Limit,
                 _ => {
                     self.err_at(
                         s,
                         "proxy.unknown_sources",
-                        "must be \"reject\" or \"forward\"",
+                        "must be \"reject\", \"forward\" or \"limit\"",
                     );
                     UnknownSources::Reject
                 }
@@ -868,13 +999,13 @@ impl<'t> Validator<'t> {
                 idx
             }
         };
-        if unknown_sources == UnknownSources::Forward && p.default_upstream.is_none() {
+        if unknown_sources != UnknownSources::Reject && p.default_upstream.is_none() {
             let span = p.unknown_sources.as_ref().map_or(0..0, |s| s.span());
             self.err(
                 span,
                 "proxy.default_upstream",
                 "",
-                "required when unknown_sources = \"forward\"",
+                "required when unknown_sources is \"forward\" or \"limit\"",
             );
         }
         let secret = match (&p.secret, &p.secret_env) {

@@ -105,3 +105,52 @@ pub struct Trunk {
     #[serde(rename = "match")]
     pub matcher: Spanned<Match>,
 }
+
+/// `{ rate = …, burst = … }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub rate: Spanned<f64>,
+    pub burst: Option<Spanned<i64>>,
+}
+
+/// `[limits]`: the stages beyond trunks and accounts, and the tables behind them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub unknown_source: Option<Rate>,
+    pub username: Option<Rate>,
+    pub global: Option<Rate>,
+    pub table_size: Option<Spanned<i64>>,
+    pub decision_cache_size: Option<Spanned<i64>>,
+    pub charge_auth_retry: Option<bool>,
+}
+
+/// `[reply.reasons]`: reason phrase per refusing stage.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reasons {
+    pub trunk: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub account: Option<Spanned<String>>,
+    pub global: Option<Spanned<String>>,
+}
+
+/// `[reply.retry_after]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryAfter {
+    pub min: Spanned<i64>,
+    pub max: Spanned<i64>,
+}
+
+/// `[reply]`: the answer to a call over a limit.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reply {
+    pub code: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub reasons: Reasons,
+    pub retry_after: Option<RetryAfter>,
+}

@@ -114,6 +114,16 @@ pub struct Chain {
     global: Option<Arc<Gcra>>,
 }
 
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("trunks", &self.trunks.len())
+            .field("accounts", &self.accounts.len())
+            .field("sources", &self.sources.table().len())
+            .finish()
+    }
+}
+
 impl Chain {
     /// Fresh (full) buckets for `spec`.
     pub fn new(spec: &ChainSpec, epoch: Epoch) -> Self {

@@ -54,6 +54,15 @@ pub struct BoundedMap<V> {
     evicted: AtomicU64,
 }
 
+impl<V> std::fmt::Debug for BoundedMap<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundedMap")
+            .field("len", &self.map.len())
+            .field("cap", &self.cap)
+            .finish()
+    }
+}
+
 impl<V: Expiring> BoundedMap<V> {
     /// An empty map holding at most `cap` entries.
     pub fn new(cap: usize) -> Self {

@@ -8,13 +8,15 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use siphasher::sip::SipHasher13;
 
 use crate::config::{Config, Target, UnknownSources};
-use crate::routing::{Origin, Routes};
+use crate::limiter::{Ask, BoundedMap, Chain, ChainSpec, Epoch, Expiring, First, Stage};
+use crate::routing::{Origin, Routes, sip_username};
 use crate::sip::{
     Edits, HeaderName, Host, Message, Method, NameAddr, RequestView, ResponseSpec, Rport, Scheme,
     Transport, Uri, Via, build_response, elements, remove_element, remove_elements,
@@ -90,6 +92,8 @@ pub enum Action {
     Forward(Outbound),
     /// Answer locally (the code is kept for counting).
     Reply(u16, Outbound),
+    /// A call refused by a CPS limit, with its answer.
+    Reject(Rejection, Outbound),
     /// Swallowed on purpose: the ACK for one of our own final responses (RFC 3261 §8.2.7, §17.2.1).
     Absorb,
     /// Not processed; count it.
@@ -242,6 +246,13 @@ pub struct Proxy {
     record_route: bool,
     keys: (u64, u64),
     draining: std::sync::atomic::AtomicBool,
+    chain: Chain,
+    decisions: BoundedMap<Decision>,
+    admitted: BoundedMap<Admitted>,
+    reply_cfg: crate::config::Reply,
+    charge_auth_retry: bool,
+    trunk_names: Vec<Arc<str>>,
+    account_names: Vec<Arc<str>>,
 }
 
 /// How a request is routed after route preprocessing.
@@ -256,22 +267,87 @@ enum Hop {
 /// A local answer short-circuiting the request.
 struct Refusal {
     code: u16,
-    reason: &'static str,
-    extra: Option<(&'static str, String)>,
+    reason: std::borrow::Cow<'static, str>,
+    extra: Vec<(&'static str, String)>,
 }
 
 fn refuse(code: u16, reason: &'static str) -> Refusal {
     Refusal {
         code,
-        reason,
-        extra: None,
+        reason: reason.into(),
+        extra: Vec::new(),
     }
+}
+
+/// What the decision cache remembers of an initial INVITE for 64·T1 (RFC 3261 §17.2.3 key:
+/// top-Via branch and sent-by).
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    /// Forwarded there: retransmissions and the CANCEL follow, uncharged.
+    Forwarded(Resolved),
+    /// Refused at this stage: retransmissions get the same answer, the CANCEL a 200.
+    Rejected(Stage),
+}
+
+#[derive(Debug)]
+struct Decision {
+    expires: u64,
+    verdict: Verdict,
+}
+
+impl Expiring for Decision {
+    fn expires(&self) -> u64 {
+        self.expires
+    }
+}
+
+/// An admitted call's Call-ID and From-tag, so its re-send with credentials after a 401/407 is
+/// not charged again.
+#[derive(Debug)]
+struct Admitted(u64);
+
+impl Expiring for Admitted {
+    fn expires(&self) -> u64 {
+        self.0
+    }
+}
+
+/// How long a decision is remembered: 64·T1 (RFC 3261 §17.1.1.2 Timer B).
+const DECISION_TTL: Duration = Duration::from_secs(32);
+
+/// A call refused by a limit: what the shell logs and counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The stage that refused.
+    pub stage: Stage,
+    /// The trunk, when the call was on one.
+    pub trunk: Option<Arc<str>>,
+    /// The trunk's account, when it has one.
+    pub account: Option<Arc<str>>,
+    /// When the refusing stage would admit.
+    pub retry_after: Duration,
+    /// True for a retransmission answered from the decision cache (nothing was charged).
+    pub retransmission: bool,
+    /// The Call-ID.
+    pub call_id: String,
+    /// The SIP username, if any.
+    pub username: Option<String>,
 }
 
 impl Proxy {
     /// Build the core from a validated config and the bound listeners. Configured host names are
     /// resolved here, once.
     pub fn new(cfg: &Config, listeners: Vec<LocalListener>) -> Result<Self, BuildError> {
+        Self::new_at(cfg, listeners, Instant::now())
+    }
+
+    /// [`Proxy::new`] with an explicit start of the limiter's time base (tests use hand-set
+    /// instants after it).
+    pub fn new_at(
+        cfg: &Config,
+        listeners: Vec<LocalListener>,
+        start: Instant,
+    ) -> Result<Self, BuildError> {
         let resolve = |what: String, t: &Target| -> Result<Resolved, BuildError> {
             let addrs = resolve_target(t).map_err(|reason| BuildError::Resolve {
                 what: what.clone(),
@@ -343,7 +419,32 @@ impl Proxy {
             record_route: cfg.proxy.record_route,
             keys,
             draining: std::sync::atomic::AtomicBool::new(false),
+            chain: Chain::new(&chain_spec(cfg), Epoch::new(start)),
+            decisions: BoundedMap::new(cfg.limits.decision_cache_size),
+            admitted: BoundedMap::new(cfg.limits.decision_cache_size),
+            reply_cfg: cfg.reply.clone(),
+            charge_auth_retry: cfg.limits.charge_auth_retry,
+            trunk_names: cfg
+                .trunks
+                .iter()
+                .map(|t| Arc::from(t.name.as_str()))
+                .collect(),
+            account_names: cfg
+                .accounts
+                .iter()
+                .map(|a| Arc::from(a.name.as_str()))
+                .collect(),
         })
+    }
+
+    /// The admission chain (for inspection).
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// Entries in the decision cache.
+    pub fn decision_cache_len(&self) -> usize {
+        self.decisions.len()
     }
 
     /// Turn away new calls from now on (503), while relaying everything else: the first step of
@@ -371,7 +472,6 @@ impl Proxy {
     /// Decide what to do with one message. `now` is the instant of arrival; admission control
     /// reads it, nothing else does.
     pub fn handle(&self, now: Instant, inb: &Inbound<'_>) -> Action {
-        let _ = now;
         let msg = match Message::scan(inb.data) {
             Ok(m) => m,
             Err(_) => return Action::Drop(DropReason::NotSip),
@@ -379,7 +479,7 @@ impl Proxy {
         if msg.is_response() {
             self.route_response(&msg)
         } else {
-            self.route_request(&msg, inb)
+            self.route_request(now, &msg, inb)
         }
     }
 
@@ -401,7 +501,7 @@ impl Proxy {
         self.reply_with(&msg, top_via(&msg).as_ref(), inb, code, reason)
     }
 
-    fn route_request(&self, msg: &Message<'_>, inb: &Inbound<'_>) -> Action {
+    fn route_request(&self, now: Instant, msg: &Message<'_>, inb: &Inbound<'_>) -> Action {
         let buf = msg.buf();
         // RFC 3261 §8.2.2 / §16.3 step 1: a syntax problem earns a 400 naming it.
         if let Some(d) = msg.defect() {
@@ -451,12 +551,19 @@ impl Proxy {
             );
         }
         let mut edits = via_edits.clone();
-        let hop = match self.next_hop(msg, &req, inb, ruri, &mut edits) {
+        let (mut hop, origin) = match self.next_hop(msg, &req, inb, ruri, &mut edits) {
             Ok(h) => h,
             // §17.2.1: an ACK is never answered.
             Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
             Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
         };
+        // Admission: initial INVITEs only; the decision cache answers retransmissions and CANCEL.
+        let initial_invite = req.method == Method::Invite && req.to_tag(buf).is_none();
+        if (initial_invite || req.method == Method::Cancel)
+            && let Some(done) = self.admit(now, msg, &req, &via_edits, inb, origin, &mut hop)
+        {
+            return done;
+        }
         // A configured target's transport is the operator's choice; a URI without `transport`
         // leaves it to us (RFC 3261 §18.1.1).
         let mut transport_chosen = true;
@@ -555,8 +662,8 @@ impl Proxy {
             let list = String::from_utf8_lossy(crate::sip::scan::trim_lws(v)).into_owned();
             return Err(Refusal {
                 code: 420,
-                reason: "Bad Extension",
-                extra: Some(("Unsupported", list)),
+                reason: "Bad Extension".into(),
+                extra: vec![("Unsupported", list)],
             });
         }
         Ok(ruri)
@@ -589,7 +696,7 @@ impl Proxy {
         inb: &Inbound<'_>,
         mut ruri: Uri,
         edits: &mut Edits,
-    ) -> Result<Hop, Refusal> {
+    ) -> Result<(Hop, Origin), Refusal> {
         let buf = msg.buf();
         let routes: Vec<Uri> = req
             .routes
@@ -643,21 +750,21 @@ impl Proxy {
             if let Some(u) = new_ruri {
                 edits.replace(ruri_range, buf[u.range].to_vec());
             }
-            return match origin {
+            let target = match origin {
                 Origin::Carrier(_) => self
                     .pbx
-                    .map(Hop::Target)
-                    .ok_or(refuse(403, "Forbidden (No PBX Destination)")),
-                Origin::Trunk(t) => Ok(Hop::Target(
-                    self.upstreams[self.routes.trunks()[t].upstream],
-                )),
+                    .ok_or(refuse(403, "Forbidden (No PBX Destination)"))?,
+                Origin::Trunk(t) => self.upstreams[self.routes.trunks()[t].upstream],
                 Origin::Pbx | Origin::Unknown => {
                     match (self.unknown_sources, self.default_upstream) {
-                        (UnknownSources::Forward, Some(u)) => Ok(Hop::Target(self.upstreams[u])),
-                        _ => Err(refuse(403, "Forbidden")),
+                        (UnknownSources::Forward | UnknownSources::Limit, Some(u)) => {
+                            self.upstreams[u]
+                        }
+                        _ => return Err(refuse(403, "Forbidden")),
                     }
                 }
             };
+            return Ok((Hop::Target(target), origin));
         }
         // A dialog we admitted: the rest of the route set, else the Request-URI.
         let next = match routes[popped..usable].first() {
@@ -688,7 +795,212 @@ impl Proxy {
         let (egress, ours_uri) = ours.expect("a marked request removed an entry of ours");
         // The entry of ours faced the next hop: its transport is the one to keep.
         let transport = ours_uri.transport(buf).filter(|t| *t == Transport::Tcp);
-        Ok(Hop::Uri(next, Some(egress), transport))
+        Ok((Hop::Uri(next, Some(egress), transport), origin))
+    }
+
+    /// The decision cache and the admission chain for an initial INVITE or a CANCEL. `None`
+    /// lets the request go on to `hop` (possibly replaced by the cached destination); `Some` is
+    /// the answer instead.
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        now: Instant,
+        msg: &Message<'_>,
+        req: &RequestView,
+        via_edits: &Edits,
+        inb: &Inbound<'_>,
+        origin: Origin,
+        hop: &mut Hop,
+    ) -> Option<Action> {
+        let now_ns = self.chain.epoch().ns(now);
+        // RFC 3261 §17.2.3: a CANCEL and the retransmissions of an INVITE carry its top-Via
+        // branch and sent-by.
+        let key = self.transaction_hash(b'd', msg, &req.top_via);
+        let cached = self.decisions.get(key, now_ns, |d| d.verdict);
+        if req.method == Method::Cancel {
+            return match cached {
+                // §9.2: the INVITE was already answered; the CANCEL has no effect but gets a 200.
+                Some(Verdict::Rejected(_)) => {
+                    Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
+                }
+                Some(Verdict::Forwarded(res)) => {
+                    *hop = Hop::Target(res);
+                    None
+                }
+                None => None,
+            };
+        }
+        match cached {
+            Some(Verdict::Forwarded(res)) => {
+                *hop = Hop::Target(res);
+                return None;
+            }
+            Some(Verdict::Rejected(stage)) => {
+                return Some(self.reject(msg, req, via_edits, inb, origin, stage, None, key));
+            }
+            None => {}
+        }
+        // Initial requests go by origin, so the hop is a configured target.
+        let Hop::Target(target) = *hop else {
+            return None;
+        };
+        let expires = now_ns.saturating_add(DECISION_TTL.as_nanos() as u64);
+        if let Some(ask) = self.ask(msg, req, inb, origin) {
+            let buf = msg.buf();
+            let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+            h.write_u8(b'a');
+            h.write(req.call_id(buf));
+            h.write(req.from_tag(buf).unwrap_or_default());
+            let attempt = h.finish();
+            let has_credentials = msg.first(HeaderName::Authorization).is_some()
+                || msg.first(HeaderName::ProxyAuthorization).is_some();
+            // An INVITE re-sent with credentials after a 401/407 of an admitted attempt.
+            let auth_retry = !self.charge_auth_retry
+                && has_credentials
+                && self.admitted.get(attempt, now_ns, |_| ()).is_some();
+            if !auth_retry {
+                if let Err(refused) = self.chain.admit(now, &ask) {
+                    self.decisions.insert(
+                        key,
+                        now_ns,
+                        Decision {
+                            expires,
+                            verdict: Verdict::Rejected(refused.stage),
+                        },
+                    );
+                    return Some(self.reject(
+                        msg,
+                        req,
+                        via_edits,
+                        inb,
+                        origin,
+                        refused.stage,
+                        Some(refused.retry_after),
+                        key,
+                    ));
+                }
+                self.admitted.insert(attempt, now_ns, Admitted(expires));
+            }
+        }
+        self.decisions.insert(
+            key,
+            now_ns,
+            Decision {
+                expires,
+                verdict: Verdict::Forwarded(target),
+            },
+        );
+        None
+    }
+
+    /// The stages an initial INVITE from `origin` must pass; `None` when it is not metered
+    /// (calls from carriers and the PBX, and unknown sources under `"forward"`).
+    fn ask(
+        &self,
+        msg: &Message<'_>,
+        req: &RequestView,
+        inb: &Inbound<'_>,
+        origin: Origin,
+    ) -> Option<Ask> {
+        let (first, account) = match origin {
+            Origin::Trunk(t) => (First::Trunk(t), self.routes.trunks()[t].account),
+            Origin::Unknown if self.unknown_sources == UnknownSources::Limit => {
+                let ip = canonical_ip(inb.source.ip());
+                let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+                h.write_u8(b's');
+                match ip {
+                    IpAddr::V4(v4) => h.write(&v4.octets()),
+                    IpAddr::V6(v6) => h.write(&v6.octets()),
+                }
+                (First::Source(h.finish()), None)
+            }
+            _ => return None,
+        };
+        let username = self.chain.usernames().and_then(|_| {
+            let user = sip_username(msg, req)?;
+            let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+            h.write_u8(b'u');
+            h.write(user);
+            Some(h.finish())
+        });
+        Some(Ask {
+            first,
+            username,
+            account,
+        })
+    }
+
+    /// The answer to a call over a limit: the configured code, the stage's reason phrase, a
+    /// `Reason` header naming the stage and its key, and `Retry-After` when configured — all
+    /// derived from the request, so a retransmission gets the same bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn reject(
+        &self,
+        msg: &Message<'_>,
+        req: &RequestView,
+        via_edits: &Edits,
+        inb: &Inbound<'_>,
+        origin: Origin,
+        stage: Stage,
+        retry_after: Option<Duration>,
+        key: u64,
+    ) -> Action {
+        let buf = msg.buf();
+        let (trunk, account) = match origin {
+            Origin::Trunk(t) => (
+                Some(self.trunk_names[t].clone()),
+                self.routes.trunks()[t]
+                    .account
+                    .map(|a| self.account_names[a].clone()),
+            ),
+            _ => (None, None),
+        };
+        let username = sip_username(msg, req).map(|u| String::from_utf8_lossy(u).into_owned());
+        let subject = match stage {
+            Stage::Trunk => trunk.as_deref().map(str::to_owned),
+            Stage::Account => account.as_deref().map(str::to_owned),
+            Stage::Source => Some(canonical_ip(inb.source.ip()).to_string()),
+            Stage::Username => username.clone(),
+            Stage::Global => None,
+        };
+        let code = self.reply_cfg.code;
+        let mut text = format!("{} CPS limit", stage.as_str());
+        if let Some(s) = &subject {
+            text.push_str(" (");
+            text.extend(
+                s.chars()
+                    .filter(|c| !matches!(c, '"' | '\\') && !c.is_control()),
+            );
+            text.push(')');
+        }
+        let mut extra = vec![("Reason", format!("SIP;cause={code};text=\"{text}\""))];
+        if let Some((min, max)) = self.reply_cfg.retry_after {
+            // Random in [min, max], but the same for a retransmission (§21.5.4: short and
+            // jittered, so PBXs do not all come back at once).
+            let span = u64::from(max - min) + 1;
+            extra.push((
+                "Retry-After",
+                (u64::from(min) + (key >> 8) % span).to_string(),
+            ));
+        }
+        let refusal = Refusal {
+            code,
+            reason: self.reply_cfg.reasons[stage.index()].clone().into(),
+            extra,
+        };
+        let (_, out) = self.answer(msg, req, via_edits, inb, &refusal);
+        Action::Reject(
+            Rejection {
+                stage,
+                trunk,
+                account,
+                retry_after: retry_after.unwrap_or_default(),
+                retransmission: retry_after.is_none(),
+                call_id: String::from_utf8_lossy(req.call_id(buf)).into_owned(),
+                username,
+            },
+            out,
+        )
     }
 
     /// The `;cg=` value of our Record-Route for this Call-ID.
@@ -1013,24 +1325,32 @@ impl Proxy {
         inb: &Inbound<'_>,
         r: Refusal,
     ) -> Action {
+        let (code, out) = self.answer(msg, req, via_edits, inb, &r);
+        Action::Reply(code, out)
+    }
+
+    /// Build a local answer to a parsed request.
+    fn answer(
+        &self,
+        msg: &Message<'_>,
+        req: &RequestView,
+        via_edits: &Edits,
+        inb: &Inbound<'_>,
+        r: &Refusal,
+    ) -> (u16, Outbound) {
         let tag = self.to_tag(msg, &req.top_via);
-        let extra: Vec<(&str, &str)> = r
-            .extra
-            .as_ref()
-            .map(|(n, v)| (*n, v.as_str()))
-            .into_iter()
-            .collect();
+        let extra: Vec<(&str, &str)> = r.extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let data = build_response(
             msg,
             via_edits,
             &ResponseSpec {
                 code: r.code,
-                reason: r.reason,
+                reason: &r.reason,
                 to_tag: &tag,
                 extra: &extra,
             },
         );
-        Action::Reply(r.code, self.reply_outbound(Some(&req.top_via), inb, data))
+        (r.code, self.reply_outbound(Some(&req.top_via), inb, data))
     }
 
     /// Answer a request whose headers did not validate, from what can be read of it. With an
@@ -1136,6 +1456,26 @@ fn itoa(mut n: u64) -> Decimal {
         if n == 0 {
             return d;
         }
+    }
+}
+
+/// The limiter's view of a configuration.
+pub fn chain_spec(cfg: &Config) -> ChainSpec {
+    ChainSpec {
+        trunks: cfg
+            .trunks
+            .iter()
+            .map(|t| (t.name.clone(), t.limit))
+            .collect(),
+        accounts: cfg
+            .accounts
+            .iter()
+            .map(|a| (a.name.clone(), a.limit))
+            .collect(),
+        source: cfg.limits.unknown_source,
+        username: cfg.limits.username,
+        global: cfg.limits.global,
+        table_cap: cfg.limits.table_size,
     }
 }
 

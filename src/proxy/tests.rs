@@ -37,19 +37,22 @@ sources = ["127.0.0.1:5090"]
 [[trunk]]
 name = "by-source"
 upstream = "carrier"
-rate = 10
+rate = 1000
+burst = 1000
 match = { sources = ["10.0.0.0/24"] }
 
 [[trunk]]
 name = "by-header"
 upstream = "tcp-carrier"
-rate = 10
+rate = 1000
+burst = 1000
 match = { header = { name = "X-Trunk", value = "blue" } }
 
 [[trunk]]
 name = "by-user"
 upstream = "tcp-carrier"
-rate = 10
+rate = 1000
+burst = 1000
 match = { username = "alice" }
 "#;
 

@@ -166,7 +166,7 @@ impl Shell {
             } else {
                 self.proxy.handle(Instant::now(), &inb)
             };
-            self.stats.record(&action, src);
+            self.stats.record(&action, src, Transport::Udp);
             self.execute(action).await;
         }
     }
@@ -212,7 +212,9 @@ impl Shell {
     /// Carry out one decision of the core.
     pub async fn execute(self: &Arc<Self>, action: Action) {
         match action {
-            Action::Forward(out) | Action::Reply(_, out) => self.send(out).await,
+            Action::Forward(out) | Action::Reply(_, out) | Action::Reject(_, out) => {
+                self.send(out).await
+            }
             Action::Absorb | Action::Drop(_) => {}
         }
     }
@@ -410,7 +412,7 @@ impl Shell {
                             conn: Some(id),
                         };
                         let action = self.proxy.handle(Instant::now(), &inb);
-                        self.stats.record(&action, peer);
+                        self.stats.record(&action, peer, Transport::Tcp);
                         self.execute(action).await;
                     }
                     Ok(Some(Frame::Ping)) => {
@@ -435,7 +437,7 @@ impl Shell {
                             conn: Some(id),
                         };
                         let action = self.proxy.refuse_raw(&inb, e.code, e.reason);
-                        self.stats.record(&action, peer);
+                        self.stats.record(&action, peer, Transport::Tcp);
                         self.execute(action).await;
                         break 'conn;
                     }

@@ -113,12 +113,14 @@ sources = ["{carrier}"]
 [[account]]
 name = "acct"
 rate = 1000
+burst = 1000
 
 [[trunk]]
 name = "t1"
 account = "acct"
 upstream = "carrier"
 rate = 1000
+burst = 1000
 match = {{ sources = ["{pbx}"] }}
 "#
     )

@@ -43,6 +43,7 @@ sources = ["{uas}"]
 name = "uac"
 upstream = "uas"
 rate = 1000
+burst = 1000
 match = {{ sources = ["127.0.0.1"] }}
 "#
     )

@@ -110,6 +110,7 @@ pub(crate) fn describe(a: &Action) -> String {
             let first = o.data.split(|&b| b == b'\r').next().unwrap_or_default();
             format!("Reply {code} ({:?})", String::from_utf8_lossy(first))
         }
+        Action::Reject(r, _) => format!("Reject at the {} stage", r.stage.as_str()),
         Action::Absorb => "Absorb".to_owned(),
         Action::Drop(r) => format!("Drop({r:?})"),
     }
