@@ -1066,3 +1066,252 @@ fn an_upstream_name_resolves_to_an_address_a_listener_can_reach() {
     // localhost may resolve to ::1 first; only IPv4 listeners exist here.
     assert_eq!(o.to, NextHop::Addr("127.0.0.1:5091".parse().expect("addr")));
 }
+
+const LIMITED: &str = r#"
+[[listen]]
+address = "127.0.0.1:5060"
+
+[proxy]
+unknown_sources = "limit"
+default_upstream = "carrier"
+secret = "0123456789abcdef-test"
+
+[limits]
+unknown_source = { rate = 1, burst = 1 }
+
+[reply]
+retry_after = { min = 2, max = 9 }
+
+[[upstream]]
+name = "carrier"
+address = "192.0.2.80:5060"
+
+[[account]]
+name = "acme"
+rate = 2
+burst = 2
+
+[[trunk]]
+name = "east"
+account = "acme"
+upstream = "carrier"
+rate = 1
+burst = 1
+match = { sources = ["10.0.0.0/24"] }
+
+[[trunk]]
+name = "west"
+account = "acme"
+upstream = "carrier"
+rate = 10
+burst = 10
+match = { sources = ["10.0.1.0/24"] }
+"#;
+
+fn limited(t0: Instant) -> Proxy {
+    let cfg = Config::parse(LIMITED, "test").expect("valid");
+    Proxy::new_at(&cfg, test_listeners()[..1].to_vec(), t0).expect("builds")
+}
+
+fn at(p: &Proxy, msg: &str, src: &str, now: Instant) -> Action {
+    p.handle(
+        now,
+        &Inbound {
+            data: msg.as_bytes(),
+            source: src.parse().expect("addr"),
+            transport: Transport::Udp,
+            listener: 0,
+            conn: None,
+        },
+    )
+}
+
+fn call(n: u32) -> String {
+    req("INVITE", "")
+        .replace("z9hG4bKabc", &format!("z9hG4bKcall{n}"))
+        .replace("cid-1", &format!("cid-{n}"))
+}
+
+fn rejected(a: Action) -> (Rejection, String) {
+    match a {
+        Action::Reject(r, o) => (r, String::from_utf8(o.data.to_vec()).expect("utf8")),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_call_over_the_trunk_rate_gets_503_naming_the_stage() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
+    let (r, s) = rejected(at(&p, &call(2), PBX, t0));
+    assert_eq!(r.stage, Stage::Trunk);
+    assert_eq!(r.trunk.as_deref(), Some("east"));
+    assert_eq!(r.account.as_deref(), Some("acme"));
+    assert_eq!(r.retry_after, Duration::from_secs(1));
+    assert!(!r.retransmission);
+    assert!(s.starts_with("SIP/2.0 503 CPS Limit reached\r\n"), "{s}");
+    assert!(
+        s.contains("\r\nReason: SIP;cause=503;text=\"trunk CPS limit (east)\"\r\n"),
+        "{s}"
+    );
+    assert!(s.contains(";tag=cg"));
+    let ra: u32 = s
+        .split("Retry-After: ")
+        .nth(1)
+        .expect("retry-after")
+        .split("\r\n")
+        .next()
+        .expect("v")
+        .parse()
+        .expect("n");
+    assert!((2..=9).contains(&ra));
+    // One second later the trunk admits again.
+    assert!(matches!(
+        at(&p, &call(3), PBX, t0 + Duration::from_secs(1)),
+        Action::Forward(_)
+    ));
+}
+
+#[test]
+fn the_account_pool_refuses_when_trunks_together_exceed_it() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    let west = "10.0.1.5:5062";
+    assert!(matches!(at(&p, &call(1), west, t0), Action::Forward(_)));
+    assert!(matches!(at(&p, &call(2), west, t0), Action::Forward(_)));
+    let (r, s) = rejected(at(&p, &call(3), west, t0));
+    assert_eq!(r.stage, Stage::Account);
+    assert!(
+        s.starts_with("SIP/2.0 503 Account CPS Limit reached\r\n"),
+        "{s}"
+    );
+    assert!(s.contains("text=\"account CPS limit (acme)\""), "{s}");
+    // The refused call consumed nothing on its trunk: 8 of 10 cells left, not 7.
+    assert_eq!(p.chain().trunk(1).available(t0), 8);
+}
+
+#[test]
+fn a_retransmitted_refusal_is_identical_and_charges_nothing() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
+    let (_, first) = rejected(at(&p, &call(2), PBX, t0));
+    // The retransmission comes when the trunk would admit again: it still gets the 503.
+    let later = t0 + Duration::from_millis(1500);
+    let (r, again) = rejected(at(&p, &call(2), PBX, later));
+    assert!(r.retransmission);
+    assert_eq!(first, again, "byte-identical");
+    assert_eq!(p.chain().trunk(0).available(later), 1, "nothing charged");
+    // Its ACK is absorbed, its CANCEL answered 200 here.
+    let to = first
+        .split("\r\n")
+        .find(|l| l.starts_with("To:"))
+        .expect("to")
+        .to_owned();
+    let ack = call(2)
+        .replace("INVITE sip:", "ACK sip:")
+        .replace("1 INVITE", "1 ACK")
+        .replace("To: <sip:+15551234567@carrier.example>", &to);
+    assert_eq!(at(&p, &ack, PBX, later), Action::Absorb);
+    let cancel = call(2)
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL");
+    let (code, _, s) = replied(at(&p, &cancel, PBX, later));
+    assert_eq!(code, 200);
+    assert!(s.contains("CSeq: 1 CANCEL"));
+}
+
+#[test]
+fn a_retransmitted_forward_is_forwarded_again_uncharged_and_its_cancel_follows() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    let (o1, first) = forwarded(at(&p, &call(1), PBX, t0));
+    let (o2, again) = forwarded(at(&p, &call(1), PBX, t0 + Duration::from_millis(500)));
+    assert_eq!((o1.to.clone(), first), (o2.to, again));
+    assert_eq!(p.chain().trunk(0).available(t0), 0, "charged once");
+    let cancel = call(1)
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL");
+    let (oc, _) = forwarded(at(&p, &cancel, PBX, t0));
+    assert_eq!(oc.to, o1.to);
+}
+
+#[test]
+fn in_dialog_requests_are_not_metered() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
+    // A re-INVITE (To-tag) and an OPTIONS while the trunk is empty.
+    let reinvite = call(2).replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    assert!(matches!(at(&p, &reinvite, PBX, t0), Action::Forward(_)));
+    let options = req("OPTIONS", "").replace("z9hG4bKabc", "z9hG4bKopt");
+    assert!(matches!(at(&p, &options, PBX, t0), Action::Forward(_)));
+}
+
+#[test]
+fn an_auth_retry_is_charged_once() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
+    // The carrier answered 407; the PBX re-sends with credentials: new branch, CSeq 2.
+    let retry = call(1)
+        .replace("z9hG4bKcall1", "z9hG4bKcall1-auth")
+        .replace("CSeq: 1 INVITE", "CSeq: 2 INVITE")
+        .replace(
+            "Content-Length",
+            "Proxy-Authorization: Digest username=\"pbx\", realm=\"c\"\r\nContent-Length",
+        );
+    assert!(
+        matches!(at(&p, &retry, PBX, t0), Action::Forward(_)),
+        "not charged again"
+    );
+    // Without credentials a new attempt of the same Call-ID is a new call.
+    let again = call(1).replace("z9hG4bKcall1", "z9hG4bKcall1-b");
+    assert_eq!(rejected(at(&p, &again, PBX, t0)).0.stage, Stage::Trunk);
+    // charge_auth_retry = true charges it.
+    let cfg = LIMITED.replace("[limits]\n", "[limits]\ncharge_auth_retry = true\n");
+    let strict = Proxy::new_at(
+        &Config::parse(&cfg, "t").expect("valid"),
+        test_listeners()[..1].to_vec(),
+        t0,
+    )
+    .expect("builds");
+    assert!(matches!(at(&strict, &call(1), PBX, t0), Action::Forward(_)));
+    assert_eq!(rejected(at(&strict, &retry, PBX, t0)).0.stage, Stage::Trunk);
+}
+
+#[test]
+fn unknown_sources_under_limit_get_a_bucket_per_ip() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    let a = "198.51.100.7:5060";
+    let (o, _) = forwarded(at(&p, &call(1), a, t0));
+    assert_eq!(o.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    // Another port of the same IP shares the bucket.
+    let (r, s) = rejected(at(&p, &call(2), "198.51.100.7:5070", t0));
+    assert_eq!(r.stage, Stage::Source);
+    assert!(s.starts_with("SIP/2.0 503 Source CPS Limit reached\r\n"));
+    assert!(
+        s.contains("text=\"source CPS limit (198.51.100.7)\""),
+        "{s}"
+    );
+    assert!(matches!(
+        at(&p, &call(3), "198.51.100.8:5060", t0),
+        Action::Forward(_)
+    ));
+}
+
+#[test]
+fn decisions_are_forgotten_after_64_t1() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
+    assert!(rejected(at(&p, &call(2), PBX, t0)).1.contains("503"));
+    // 33 s later the same branch is a new transaction as far as the cache knows: evaluated
+    // afresh (and admitted, the trunk being full again).
+    assert!(matches!(
+        at(&p, &call(2), PBX, t0 + Duration::from_secs(33)),
+        Action::Forward(_)
+    ));
+}
