@@ -3,10 +3,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,6 +27,9 @@ const PORT_ATTEMPTS: usize = 16;
 /// A gate whose sockets are bound but not yet served.
 pub struct Gate {
     proxy: Arc<Proxy>,
+    listeners: Vec<Listener>,
+    config_path: Option<PathBuf>,
+    reload: Arc<Notify>,
     shell: Arc<Shell>,
     stats: Arc<Stats>,
     udp: Vec<(usize, Arc<UdpSocket>)>,
@@ -97,6 +103,9 @@ impl Gate {
         );
         Ok(Self {
             proxy,
+            listeners: cfg.listeners.clone(),
+            config_path: None,
+            reload: Arc::new(Notify::new()),
             shell,
             stats,
             udp,
@@ -106,6 +115,23 @@ impl Gate {
             tracker,
             grace: cfg.proxy.shutdown_grace,
         })
+    }
+
+    /// Reload the configuration from `path` on SIGHUP, when the file changes (checked every
+    /// two seconds), or when [`Gate::reload_trigger`] is notified.
+    pub fn watch(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
+    }
+
+    /// Notify this to reload the configuration file now.
+    pub fn reload_trigger(&self) -> Arc<Notify> {
+        self.reload.clone()
+    }
+
+    /// The proxy core (for inspection).
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.clone()
     }
 
     /// The bound addresses, by transport, in config order.
@@ -131,6 +157,16 @@ impl Gate {
             self.tracker
                 .spawn(self.shell.clone().run_tcp(i, l, accept_stop.clone()));
         }
+        if let Some(path) = self.config_path.clone() {
+            self.tracker.spawn(watch_config(
+                path,
+                self.proxy.clone(),
+                self.stats.clone(),
+                self.listeners.clone(),
+                self.reload.clone(),
+                self.cancel.clone(),
+            ));
+        }
         shutdown.await;
         tracing::info!(
             grace_secs = self.grace.as_secs(),
@@ -149,6 +185,97 @@ impl Gate {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How often the config file's modification time is checked.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Reload on SIGHUP, on a change of the file, or on `trigger`, until cancelled. An invalid file
+/// is refused with its errors logged; the running configuration stays.
+async fn watch_config(
+    path: PathBuf,
+    proxy: Arc<Proxy>,
+    stats: Arc<Stats>,
+    listeners: Vec<Listener>,
+    trigger: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+    };
+    let mut last = stamp(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let why = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = hangup => "SIGHUP",
+            _ = trigger.notified() => "request",
+            _ = tick.tick() => {
+                let now = stamp(&path);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                "file changed"
+            }
+        };
+        let counter = if reload(&path, &proxy, &listeners, why) {
+            &stats.reloads
+        } else {
+            &stats.reload_failures
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// True when the new configuration was applied.
+fn reload(path: &std::path::Path, proxy: &Proxy, listeners: &[Listener], why: &str) -> bool {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                reason = why,
+                "config reload refused, the running configuration stays:\n{e}"
+            );
+            return false;
+        }
+    };
+    if cfg.listeners != listeners {
+        tracing::warn!("[[listen]] changes take effect at the next start only");
+    }
+    for w in &cfg.warnings {
+        tracing::warn!("config: {w}");
+    }
+    match proxy.reload(&cfg, Instant::now()) {
+        Ok(()) => {
+            tracing::info!(
+                reason = why,
+                trunks = cfg.trunks.len(),
+                accounts = cfg.accounts.len(),
+                "config reloaded"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(reason = why, error = %e, "config reload refused, the running configuration stays");
+            false
+        }
     }
 }
 

@@ -90,7 +90,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
-                let gate = Gate::bind(&cfg).await?;
+                let gate = Gate::bind(&cfg).await?.watch(config.clone());
                 gate.run(shutdown_signal()).await
             });
             match result {

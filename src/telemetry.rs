@@ -105,6 +105,10 @@ pub struct Stats {
     pub retransmissions: AtomicU64,
     /// Rejection log lines left out by the per-key limit.
     pub suppressed_logs: AtomicU64,
+    /// Configuration reloads applied.
+    pub reloads: AtomicU64,
+    /// Configuration reloads refused (invalid file, unresolvable target).
+    pub reload_failures: AtomicU64,
     reject_log: RejectLog,
 }
 

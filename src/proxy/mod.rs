@@ -233,10 +233,22 @@ pub enum BuildError {
     },
 }
 
-/// The stateless proxy core. Immutable after construction; shared by every transport task.
+/// What outlives a reload: listeners (bound once), hash keys, the draining flag, the decision
+/// caches and the limiter's time base.
 #[derive(Debug)]
-pub struct Proxy {
+struct Shared {
     listeners: Vec<LocalListener>,
+    keys: (u64, u64),
+    draining: std::sync::atomic::AtomicBool,
+    decisions: BoundedMap<Decision>,
+    admitted: BoundedMap<Admitted>,
+}
+
+/// The stateless proxy core, as seen through one configuration. A reload builds a new one (its
+/// buckets carried over by name) and swaps it in; messages in flight finish on the old one.
+#[derive(Debug)]
+struct Core {
+    shared: Arc<Shared>,
     aliases: Vec<String>,
     routes: Routes,
     upstreams: Vec<Resolved>,
@@ -244,11 +256,7 @@ pub struct Proxy {
     unknown_sources: UnknownSources,
     default_upstream: Option<usize>,
     record_route: bool,
-    keys: (u64, u64),
-    draining: std::sync::atomic::AtomicBool,
-    chain: Chain,
-    decisions: BoundedMap<Decision>,
-    admitted: BoundedMap<Admitted>,
+    chain: Arc<Chain>,
     reply_cfg: crate::config::Reply,
     charge_auth_retry: bool,
     trunk_names: Vec<Arc<str>>,
@@ -334,9 +342,16 @@ pub struct Rejection {
     pub username: Option<String>,
 }
 
+/// The decision core behind a swappable configuration: `handle(now, inbound) -> Action`.
+#[derive(Debug)]
+pub struct Proxy {
+    core: arc_swap::ArcSwap<Core>,
+    shared: Arc<Shared>,
+}
+
 impl Proxy {
     /// Build the core from a validated config and the bound listeners. Configured host names are
-    /// resolved here, once.
+    /// resolved here, once per (re)load.
     pub fn new(cfg: &Config, listeners: Vec<LocalListener>) -> Result<Self, BuildError> {
         Self::new_at(cfg, listeners, Instant::now())
     }
@@ -348,6 +363,94 @@ impl Proxy {
         listeners: Vec<LocalListener>,
         start: Instant,
     ) -> Result<Self, BuildError> {
+        let keys = match &cfg.proxy.secret {
+            Some(s) => {
+                let mut h = SipHasher13::new_with_keys(0x6370_7367_6174_6501, 0x6b65_7973);
+                h.write(s.as_bytes());
+                let a = h.finish();
+                h.write_u8(1);
+                (a, h.finish())
+            }
+            None => {
+                let r = std::collections::hash_map::RandomState::new();
+                (r.hash_one(1u8), r.hash_one(2u8))
+            }
+        };
+        let shared = Arc::new(Shared {
+            listeners,
+            keys,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            decisions: BoundedMap::new(cfg.limits.decision_cache_size),
+            admitted: BoundedMap::new(cfg.limits.decision_cache_size),
+        });
+        let chain = Arc::new(Chain::new(&chain_spec(cfg), Epoch::new(start)));
+        let core = Core::build(cfg, shared.clone(), chain)?;
+        Ok(Self {
+            core: arc_swap::ArcSwap::from_pointee(core),
+            shared,
+        })
+    }
+
+    /// Apply a new configuration: routes, targets and limits change; buckets of trunks and
+    /// accounts that keep their name keep their state (the cells used stay used, the rate and
+    /// burst change in place); new ones start full. Listeners and the hash secret are fixed at
+    /// start. On error nothing changes.
+    pub fn reload(&self, cfg: &Config, now: Instant) -> Result<(), BuildError> {
+        let old = self.core.load();
+        let chain = Arc::new(old.chain.reload(&chain_spec(cfg), now));
+        let core = Core::build(cfg, self.shared.clone(), chain)?;
+        self.core.store(Arc::new(core));
+        Ok(())
+    }
+
+    /// Decide what to do with one message. `now` is the instant of arrival; admission control
+    /// reads it, nothing else does.
+    pub fn handle(&self, now: Instant, inb: &Inbound<'_>) -> Action {
+        self.core.load().handle(now, inb)
+    }
+
+    /// Answer a request that could not be taken whole (see [`Core::refuse_raw`]).
+    pub fn refuse_raw(&self, inb: &Inbound<'_>, code: u16, reason: &str) -> Action {
+        self.core.load().refuse_raw(inb, code, reason)
+    }
+
+    /// The local listeners.
+    pub fn listeners(&self) -> &[LocalListener] {
+        &self.shared.listeners
+    }
+
+    /// True when a destination may be used (see [`Core::is_safe`]).
+    pub fn is_safe(&self, a: SocketAddr) -> bool {
+        is_safe_destination(a) && !self.shared.listeners.iter().any(|l| l.is_self(a))
+    }
+
+    /// Turn away new calls from now on (503), while relaying everything else: the first step of
+    /// a graceful stop.
+    pub fn start_draining(&self) {
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The admission chain of the current configuration.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.core.load().chain.clone()
+    }
+
+    /// Entries in the decision cache.
+    pub fn decision_cache_len(&self) -> usize {
+        self.shared.decisions.len()
+    }
+
+    /// The `;cg=` dialog mark our Record-Route carries for this message's Call-ID.
+    pub fn dialog_mark(&self, msg: &Message<'_>) -> String {
+        self.core.load().dialog_mark(msg)
+    }
+}
+
+impl Core {
+    fn build(cfg: &Config, shared: Arc<Shared>, chain: Arc<Chain>) -> Result<Self, BuildError> {
+        let listeners = &shared.listeners;
         let resolve = |what: String, t: &Target| -> Result<Resolved, BuildError> {
             let addrs = resolve_target(t).map_err(|reason| BuildError::Resolve {
                 what: what.clone(),
@@ -395,21 +498,7 @@ impl Proxy {
             .as_ref()
             .map(|p| resolve("pbx".to_owned(), p))
             .transpose()?;
-        let keys = match &cfg.proxy.secret {
-            Some(s) => {
-                let mut h = SipHasher13::new_with_keys(0x6370_7367_6174_6501, 0x6b65_7973);
-                h.write(s.as_bytes());
-                let a = h.finish();
-                h.write_u8(1);
-                (a, h.finish())
-            }
-            None => {
-                let r = std::collections::hash_map::RandomState::new();
-                (r.hash_one(1u8), r.hash_one(2u8))
-            }
-        };
         Ok(Self {
-            listeners,
             aliases: cfg.proxy.aliases.clone(),
             routes: Routes::new(cfg),
             upstreams,
@@ -417,11 +506,8 @@ impl Proxy {
             unknown_sources: cfg.proxy.unknown_sources,
             default_upstream: cfg.proxy.default_upstream,
             record_route: cfg.proxy.record_route,
-            keys,
-            draining: std::sync::atomic::AtomicBool::new(false),
-            chain: Chain::new(&chain_spec(cfg), Epoch::new(start)),
-            decisions: BoundedMap::new(cfg.limits.decision_cache_size),
-            admitted: BoundedMap::new(cfg.limits.decision_cache_size),
+            shared,
+            chain,
             reply_cfg: cfg.reply.clone(),
             charge_auth_retry: cfg.limits.charge_auth_retry,
             trunk_names: cfg
@@ -437,23 +523,6 @@ impl Proxy {
         })
     }
 
-    /// The admission chain (for inspection).
-    pub fn chain(&self) -> &Chain {
-        &self.chain
-    }
-
-    /// Entries in the decision cache.
-    pub fn decision_cache_len(&self) -> usize {
-        self.decisions.len()
-    }
-
-    /// Turn away new calls from now on (503), while relaying everything else: the first step of
-    /// a graceful stop.
-    pub fn start_draining(&self) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// True for an OPTIONS whose Request-URI is the gate itself (no user part, no Route left
     /// to follow).
     fn is_options_for_us(&self, buf: &[u8], req: &RequestView, ruri: &Uri) -> bool {
@@ -464,14 +533,7 @@ impl Proxy {
             && self.is_us(buf, ruri).is_some()
     }
 
-    /// The local listeners.
-    pub fn listeners(&self) -> &[LocalListener] {
-        &self.listeners
-    }
-
-    /// Decide what to do with one message. `now` is the instant of arrival; admission control
-    /// reads it, nothing else does.
-    pub fn handle(&self, now: Instant, inb: &Inbound<'_>) -> Action {
+    fn handle(&self, now: Instant, inb: &Inbound<'_>) -> Action {
         let msg = match Message::scan(inb.data) {
             Ok(m) => m,
             Err(_) => return Action::Drop(DropReason::NotSip),
@@ -538,7 +600,10 @@ impl Proxy {
         }
         // While draining before exit, new calls are turned away so the PBX tries another gate;
         // everything that belongs to existing calls still passes.
-        if self.draining.load(std::sync::atomic::Ordering::Relaxed)
+        if self
+            .shared
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
             && req.method.creates_dialog()
             && req.to_tag(buf).is_none()
         {
@@ -605,7 +670,7 @@ impl Proxy {
             && !transport_chosen
         {
             // Only on the same interface: another one may not reach the next hop.
-            if self.listeners[egress].tcp {
+            if self.shared.listeners[egress].tcp {
                 // §18.1.1: when the connection cannot be made, the UDP version is sent instead.
                 fallback = Some((egress, data));
                 transport = Transport::Tcp;
@@ -816,7 +881,7 @@ impl Proxy {
         // RFC 3261 §17.2.3: a CANCEL and the retransmissions of an INVITE carry its top-Via
         // branch and sent-by.
         let key = self.transaction_hash(b'd', msg, &req.top_via);
-        let cached = self.decisions.get(key, now_ns, |d| d.verdict);
+        let cached = self.shared.decisions.get(key, now_ns, |d| d.verdict);
         if req.method == Method::Cancel {
             return match cached {
                 // §9.2: the INVITE was already answered; the CANCEL has no effect but gets a 200.
@@ -847,7 +912,7 @@ impl Proxy {
         let expires = now_ns.saturating_add(DECISION_TTL.as_nanos() as u64);
         if let Some(ask) = self.ask(msg, req, inb, origin) {
             let buf = msg.buf();
-            let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+            let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
             h.write_u8(b'a');
             h.write(req.call_id(buf));
             h.write(req.from_tag(buf).unwrap_or_default());
@@ -857,10 +922,10 @@ impl Proxy {
             // An INVITE re-sent with credentials after a 401/407 of an admitted attempt.
             let auth_retry = !self.charge_auth_retry
                 && has_credentials
-                && self.admitted.get(attempt, now_ns, |_| ()).is_some();
+                && self.shared.admitted.get(attempt, now_ns, |_| ()).is_some();
             if !auth_retry {
                 if let Err(refused) = self.chain.admit(now, &ask) {
-                    self.decisions.insert(
+                    self.shared.decisions.insert(
                         key,
                         now_ns,
                         Decision {
@@ -879,10 +944,12 @@ impl Proxy {
                         key,
                     ));
                 }
-                self.admitted.insert(attempt, now_ns, Admitted(expires));
+                self.shared
+                    .admitted
+                    .insert(attempt, now_ns, Admitted(expires));
             }
         }
-        self.decisions.insert(
+        self.shared.decisions.insert(
             key,
             now_ns,
             Decision {
@@ -906,7 +973,7 @@ impl Proxy {
             Origin::Trunk(t) => (First::Trunk(t), self.routes.trunks()[t].account),
             Origin::Unknown if self.unknown_sources == UnknownSources::Limit => {
                 let ip = canonical_ip(inb.source.ip());
-                let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+                let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
                 h.write_u8(b's');
                 match ip {
                     IpAddr::V4(v4) => h.write(&v4.octets()),
@@ -918,7 +985,7 @@ impl Proxy {
         };
         let username = self.chain.usernames().and_then(|_| {
             let user = sip_username(msg, req)?;
-            let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+            let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
             h.write_u8(b'u');
             h.write(user);
             Some(h.finish())
@@ -1005,7 +1072,7 @@ impl Proxy {
 
     /// The `;cg=` value of our Record-Route for this Call-ID.
     fn dialog_mark(&self, msg: &Message<'_>) -> String {
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
         h.write_u8(b'r');
         h.write(msg.value(HeaderName::CallId).unwrap_or_default());
         let mut out = String::with_capacity(12);
@@ -1042,12 +1109,12 @@ impl Proxy {
             _ => return Err(refuse(416, "Unsupported URI Scheme")),
         };
         let fits = |i: usize| {
-            let l = &self.listeners[i];
+            let l = &self.shared.listeners[i];
             l.serves(transport) && l.bound.is_ipv4() == v4
         };
         let egress = named_egress
             .filter(|&i| fits(i))
-            .or_else(|| (0..self.listeners.len()).find(|&i| fits(i)))
+            .or_else(|| (0..self.shared.listeners.len()).find(|&i| fits(i)))
             .ok_or(refuse(
                 503,
                 "Service Unavailable (No Listener For Next Hop)",
@@ -1095,7 +1162,7 @@ impl Proxy {
         // Step 8: our Via on top, with a branch derived from the received one (§16.11) and the
         // ingress listener and connection so the response finds its way back.
         let first_via = &msg.headers()[req.via_elements[0].header];
-        let l = &self.listeners[egress];
+        let l = &self.shared.listeners[egress];
         let mut via = String::with_capacity(96);
         via.push_str("Via: SIP/2.0/");
         via.push_str(out_transport.as_via());
@@ -1124,7 +1191,7 @@ impl Proxy {
     }
 
     fn push_record_route(&self, out: &mut String, listener: usize, t: Transport, mark: &str) {
-        let l = &self.listeners[listener];
+        let l = &self.shared.listeners[listener];
         out.push_str("Record-Route: <sip:");
         out.push_str(&l.host);
         out.push(':');
@@ -1169,7 +1236,7 @@ impl Proxy {
         let listener = top
             .param(buf, b"ln")
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
-            .filter(|&l| l < self.listeners.len());
+            .filter(|&l| l < self.shared.listeners.len());
         let Some(listener) = listener else {
             return Action::Drop(DropReason::ForeignVia);
         };
@@ -1228,7 +1295,7 @@ impl Proxy {
     }
 
     fn local_listener(&self, buf: &[u8], host: &Host, port: u16) -> Option<usize> {
-        self.listeners.iter().position(|l| {
+        self.shared.listeners.iter().position(|l| {
             let host_ok = match host {
                 Host::Ip(ip) => l.is_own_ip(*ip),
                 Host::Name(r) => {
@@ -1247,7 +1314,7 @@ impl Proxy {
     /// Never send to port 0, an unspecified, broadcast, multicast or link-local address (cloud
     /// metadata services live at 169.254.169.254), or ourselves.
     pub fn is_safe(&self, a: SocketAddr) -> bool {
-        is_safe_destination(a) && !self.listeners.iter().any(|l| l.is_self(a))
+        is_safe_destination(a) && !self.shared.listeners.iter().any(|l| l.is_self(a))
     }
 
     /// The branch key of a Via whose branch carries the magic cookie (and more than it: a bare
@@ -1256,7 +1323,7 @@ impl Proxy {
         let b = via
             .branch(buf)
             .filter(|b| b.starts_with(COOKIE.as_bytes()) && b.len() > COOKIE.len())?;
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
         h.write_u8(label);
         h.write(b);
         h.write(&buf[via.host_range.clone()]);
@@ -1281,7 +1348,7 @@ impl Proxy {
                 .unwrap_or_default()
         };
         let method = Method::from_bytes(msg.method().unwrap_or_default());
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
         h.write_u8(label);
         h.write(&buf[via.range.clone()]);
         h.write(&tag_of(HeaderName::From));
@@ -1297,20 +1364,12 @@ impl Proxy {
         h.finish()
     }
 
-    /// The branch of our Via for this request.
-    pub fn branch(&self, msg: &Message<'_>, req: &RequestView) -> String {
-        format!(
-            "{BRANCH_PREFIX}{:016x}",
-            self.transaction_hash(b'b', msg, &req.top_via)
-        )
-    }
-
     /// The To-tag of our own responses to a request with this top Via (RFC 3261 §8.2.7: the same
     /// request always gets the same tag).
     pub fn to_tag(&self, msg: &Message<'_>, via: &Via) -> String {
         let mut h = self.transaction_hash(b't', msg, via);
         h ^= {
-            let mut c = SipHasher13::new_with_keys(self.keys.1, self.keys.0);
+            let mut c = SipHasher13::new_with_keys(self.shared.keys.1, self.shared.keys.0);
             c.write(msg.value(HeaderName::CallId).unwrap_or_default());
             c.finish()
         };
@@ -1367,7 +1426,7 @@ impl Proxy {
         let tag = match via {
             Some(v) => self.to_tag(msg, v),
             None => {
-                let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+                let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
                 h.write(msg.value(HeaderName::Via).unwrap_or_default());
                 h.write(msg.value(HeaderName::CallId).unwrap_or_default());
                 format!("{TAG_PREFIX}{:016x}", h.finish())

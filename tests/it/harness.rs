@@ -24,6 +24,8 @@ pub struct TestGate {
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
     pub stats: Arc<Stats>,
+    pub proxy: Arc<cpsgate::proxy::Proxy>,
+    pub reload: Arc<tokio::sync::Notify>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -32,7 +34,20 @@ impl TestGate {
     /// Start a gate on `toml` (with `127.0.0.1:0` listeners).
     pub async fn start(toml: &str) -> Self {
         let cfg = Config::parse(toml, "test").unwrap_or_else(|e| panic!("{e}"));
-        let gate = Gate::bind(&cfg).await.expect("gate binds");
+        Self::launch(Gate::bind(&cfg).await.expect("gate binds")).await
+    }
+
+    /// Start a gate on a config file it watches for reloads.
+    pub async fn start_file(path: &std::path::Path) -> Self {
+        let cfg = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        let gate = Gate::bind(&cfg)
+            .await
+            .expect("gate binds")
+            .watch(path.to_owned());
+        Self::launch(gate).await
+    }
+
+    async fn launch(gate: Gate) -> Self {
         let find = |t: Transport| {
             gate.local_addrs()
                 .iter()
@@ -42,6 +57,8 @@ impl TestGate {
         };
         let (udp, tcp) = (find(Transport::Udp), find(Transport::Tcp));
         let stats = gate.stats();
+        let proxy = gate.proxy();
+        let reload = gate.reload_trigger();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gate.run(async move {
             let _ = rx.await;
@@ -50,6 +67,8 @@ impl TestGate {
             udp,
             tcp,
             stats,
+            proxy,
+            reload,
             stop: Some(tx),
             task: Some(task),
         }

@@ -5,6 +5,7 @@ mod differential;
 mod flows;
 mod harness;
 mod interop;
+mod limits;
 mod roundtrip;
 mod smoke;
 mod torture;
