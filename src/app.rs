@@ -157,6 +157,8 @@ impl Gate {
             self.tracker
                 .spawn(self.shell.clone().run_tcp(i, l, accept_stop.clone()));
         }
+        self.tracker
+            .spawn(sweep_tables(self.proxy.clone(), self.cancel.clone()));
         if let Some(path) = self.config_path.clone() {
             self.tracker.spawn(watch_config(
                 path,
@@ -185,6 +187,40 @@ impl Gate {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How often idle table entries are forgotten.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Forget idle buckets and old decisions regularly, and log the table sizes against their caps.
+async fn sweep_tables(proxy: Arc<Proxy>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let t = proxy.sweep(Instant::now());
+        tracing::debug!(
+            sources = t.sources.0,
+            sources_cap = t.sources.1,
+            sources_evicted = t.sources.2,
+            usernames = t.usernames.map_or(0, |u| u.0),
+            decisions = t.decisions.0,
+            decisions_cap = t.decisions.1,
+            "tables swept"
+        );
+        // Near the cap, evictions start to cost accuracy: say so where operators look.
+        if t.sources.0 * 10 >= t.sources.1 * 9 || t.decisions.0 * 10 >= t.decisions.1 * 9 {
+            tracing::warn!(
+                sources = t.sources.0,
+                sources_cap = t.sources.1,
+                decisions = t.decisions.0,
+                decisions_cap = t.decisions.1,
+                "bounded tables are over 90 % full"
+            );
+        }
     }
 }
 

@@ -323,6 +323,17 @@ impl Expiring for Admitted {
 /// How long a decision is remembered: 64·T1 (RFC 3261 §17.1.1.2 Timer B).
 const DECISION_TTL: Duration = Duration::from_secs(32);
 
+/// (entries, cap, evicted so far) of each bounded table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Per-source buckets.
+    pub sources: (usize, usize, u64),
+    /// Per-username buckets, when configured.
+    pub usernames: Option<(usize, usize, u64)>,
+    /// The decision cache.
+    pub decisions: (usize, usize, u64),
+}
+
 /// A call refused by a limit: what the shell logs and counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
@@ -440,6 +451,36 @@ impl Proxy {
     /// Entries in the decision cache.
     pub fn decision_cache_len(&self) -> usize {
         self.shared.decisions.len()
+    }
+
+    /// Forget every entry that no longer matters at `now`: full per-source and per-username
+    /// buckets, decisions older than 64·T1. Returns the table sizes after the sweep.
+    pub fn sweep(&self, now: Instant) -> TableSizes {
+        let core = self.core.load();
+        let ns = core.chain.epoch().ns(now);
+        core.chain.sources().table().sweep(ns);
+        if let Some(u) = core.chain.usernames() {
+            u.table().sweep(ns);
+        }
+        self.shared.decisions.sweep(ns);
+        self.shared.admitted.sweep(ns);
+        self.table_sizes()
+    }
+
+    /// Sizes, caps and evictions of the bounded tables.
+    pub fn table_sizes(&self) -> TableSizes {
+        let core = self.core.load();
+        let sources = core.chain.sources().table();
+        let usernames = core.chain.usernames().map(|u| u.table());
+        TableSizes {
+            sources: (sources.len(), sources.cap(), sources.evicted()),
+            usernames: usernames.map(|t| (t.len(), t.cap(), t.evicted())),
+            decisions: (
+                self.shared.decisions.len(),
+                self.shared.decisions.cap(),
+                self.shared.decisions.evicted(),
+            ),
+        }
     }
 
     /// The `;cg=` dialog mark our Record-Route carries for this message's Call-ID.

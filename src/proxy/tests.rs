@@ -1315,3 +1315,20 @@ fn decisions_are_forgotten_after_64_t1() {
         Action::Forward(_)
     ));
 }
+
+#[test]
+fn sweeping_forgets_full_buckets_and_old_decisions() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    for n in 0..5u32 {
+        let _ = at(&p, &call(n), &format!("198.51.100.{n}:5060"), t0);
+    }
+    let t = p.table_sizes();
+    assert_eq!(t.sources.0, 5);
+    assert_eq!(t.decisions.0, 5);
+    // Two seconds on the per-source buckets (1/s) are full again; decisions live 32 s.
+    let t = p.sweep(t0 + Duration::from_secs(2));
+    assert_eq!((t.sources.0, t.decisions.0), (0, 5));
+    let t = p.sweep(t0 + Duration::from_secs(33));
+    assert_eq!(t.decisions.0, 0);
+}
