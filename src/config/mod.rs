@@ -557,7 +557,7 @@ impl<'t> Validator<'t> {
             decision_cache_size: self.size(
                 "limits.decision_cache_size",
                 l.decision_cache_size.as_ref(),
-                500_000,
+                100_000,
                 1..=100_000_000,
             ),
             charge_auth_retry: l.charge_auth_retry.unwrap_or(false),

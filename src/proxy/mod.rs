@@ -288,35 +288,83 @@ fn refuse(code: u16, reason: &'static str) -> Refusal {
 }
 
 /// What the decision cache remembers of an initial INVITE for 64·T1 (RFC 3261 §17.2.3 key:
-/// top-Via branch and sent-by).
+/// top-Via branch and sent-by). Kept small: a flood fills the cache to its cap.
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
     /// Forwarded there: retransmissions and the CANCEL follow, uncharged.
-    Forwarded(Resolved),
+    Forwarded(CompactTarget),
     /// Refused at this stage: retransmissions get the same answer, the CANCEL a 200.
     Rejected(Stage),
 }
 
+/// A [`Resolved`] target in 22 bytes.
+#[derive(Debug, Clone, Copy)]
+struct CompactTarget {
+    ip: [u8; 16],
+    port: u16,
+    v6: bool,
+    tcp: bool,
+    listener: u16,
+}
+
+impl CompactTarget {
+    fn from_resolved(r: Resolved) -> Self {
+        let (ip, v6) = match r.addr.ip() {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), false),
+            IpAddr::V6(v6) => (v6.octets(), true),
+        };
+        Self {
+            ip,
+            port: r.addr.port(),
+            v6,
+            tcp: r.transport == Transport::Tcp,
+            listener: r.listener as u16,
+        }
+    }
+
+    fn resolved(self) -> Resolved {
+        let v6 = std::net::Ipv6Addr::from(self.ip);
+        let ip = match (self.v6, v6.to_ipv4_mapped()) {
+            (false, Some(v4)) => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        };
+        Resolved {
+            addr: SocketAddr::new(ip, self.port),
+            transport: if self.tcp {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            listener: usize::from(self.listener),
+        }
+    }
+}
+
+/// Whole seconds since the limiter epoch, rounded up: expiry stamps of the caches.
+fn secs_after(ns: u64, ttl: Duration) -> u32 {
+    u32::try_from((ns + ttl.as_nanos() as u64).div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
+}
+
 #[derive(Debug)]
 struct Decision {
-    expires: u64,
+    expires_s: u32,
     verdict: Verdict,
 }
 
 impl Expiring for Decision {
     fn expires(&self) -> u64 {
-        self.expires
+        u64::from(self.expires_s) * 1_000_000_000
     }
 }
 
 /// An admitted call's Call-ID and From-tag, so its re-send with credentials after a 401/407 is
-/// not charged again.
+/// not charged again (expiry in seconds since the epoch).
 #[derive(Debug)]
-struct Admitted(u64);
+struct Admitted(u32);
 
 impl Expiring for Admitted {
     fn expires(&self) -> u64 {
-        self.0
+        u64::from(self.0) * 1_000_000_000
     }
 }
 
@@ -930,7 +978,7 @@ impl Core {
                     Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
                 }
                 Some(Verdict::Forwarded(res)) => {
-                    *hop = Hop::Target(res);
+                    *hop = Hop::Target(res.resolved());
                     None
                 }
                 None => None,
@@ -938,7 +986,7 @@ impl Core {
         }
         match cached {
             Some(Verdict::Forwarded(res)) => {
-                *hop = Hop::Target(res);
+                *hop = Hop::Target(res.resolved());
                 return None;
             }
             Some(Verdict::Rejected(stage)) => {
@@ -950,7 +998,7 @@ impl Core {
         let Hop::Target(target) = *hop else {
             return None;
         };
-        let expires = now_ns.saturating_add(DECISION_TTL.as_nanos() as u64);
+        let expires_s = secs_after(now_ns, DECISION_TTL);
         if let Some(ask) = self.ask(msg, req, inb, origin) {
             let buf = msg.buf();
             let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
@@ -970,7 +1018,7 @@ impl Core {
                         key,
                         now_ns,
                         Decision {
-                            expires,
+                            expires_s,
                             verdict: Verdict::Rejected(refused.stage),
                         },
                     );
@@ -987,15 +1035,15 @@ impl Core {
                 }
                 self.shared
                     .admitted
-                    .insert(attempt, now_ns, Admitted(expires));
+                    .insert(attempt, now_ns, Admitted(expires_s));
             }
         }
         self.shared.decisions.insert(
             key,
             now_ns,
             Decision {
-                expires,
-                verdict: Verdict::Forwarded(target),
+                expires_s,
+                verdict: Verdict::Forwarded(CompactTarget::from_resolved(target)),
             },
         );
         None
