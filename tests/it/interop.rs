@@ -179,3 +179,199 @@ async fn sipp_calls_follow_the_record_route_over_udp() {
 async fn sipp_calls_follow_the_record_route_over_tcp() {
     sipp_calls_through_the_gate("tcp", Scenarios::RecordRoute).await;
 }
+
+/// The carrier for the CPS test: answers every INVITE 200 (and BYE 200), and records when each
+/// distinct INVITE arrived, by trunk (the Request-URI user).
+async fn counting_uas(
+    sock: tokio::net::UdpSocket,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<(std::time::Instant, String)> {
+    use crate::harness::{header, respond};
+    let mut seen = std::collections::HashSet::new();
+    let mut arrivals = Vec::new();
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, from) = tokio::select! {
+            _ = stop.cancelled() => return arrivals,
+            r = sock.recv_from(&mut buf) => r.expect("recv"),
+        };
+        let at = std::time::Instant::now();
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let local = sock.local_addr().expect("addr");
+        if msg.starts_with("INVITE ") {
+            let call_id = header(&msg, "Call-ID").unwrap_or_default().to_owned();
+            if seen.insert(call_id) {
+                let user = msg[7..]
+                    .split('@')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("sip:")
+                    .to_owned();
+                arrivals.push((at, user));
+            }
+            let ok = respond(&msg, 200, "OK", "uas", Some(&format!("sip:uas@{local}")));
+            let _ = sock.send_to(ok.as_bytes(), from).await;
+        } else if msg.starts_with("BYE ") {
+            let ok = respond(&msg, 200, "OK", "uas", None);
+            let _ = sock.send_to(ok.as_bytes(), from).await;
+        }
+    }
+}
+
+/// Admitted calls per fixed 1-second window from the first arrival.
+fn per_second(times: &[std::time::Instant], start: std::time::Instant) -> Vec<u32> {
+    let mut w = Vec::new();
+    for t in times {
+        let i = t.duration_since(start).as_secs() as usize;
+        if w.len() <= i {
+            w.resize(i + 1, 0);
+        }
+        w[i] += 1;
+    }
+    w
+}
+
+/// Two trunks of one account (trunks 50 and 50 CPS, pool 80) each offered 100 CPS for 20 s by
+/// SIPp: in every 1-second window each trunk and the pool stay within their rate (plus the burst
+/// in the first window only), the pool runs at its rate in the long run, every other call is
+/// answered 503, and no call is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs sipp (Debian sip-tester); run by .ci/run"]
+async fn sipp_two_trunks_over_their_pool_are_held_to_the_contract() {
+    const SECS: u32 = 20;
+    const OFFERED: u32 = 100;
+    const CALLS: u32 = SECS * OFFERED;
+    let uas = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let uas_addr = uas.local_addr().expect("addr");
+    let (p1, p2) = (free_port(false), free_port(false));
+    let cfg = format!(
+        r#"
+[[listen]]
+address = "127.0.0.1:0"
+[proxy]
+unknown_sources = "reject"
+shutdown_grace_secs = 0
+[[upstream]]
+name = "carrier"
+address = "{uas_addr}"
+sources = ["{uas_addr}"]
+[[account]]
+name = "parent"
+rate = 80
+burst = 8
+[[trunk]]
+name = "one"
+account = "parent"
+upstream = "carrier"
+rate = 50
+burst = 5
+match = {{ sources = ["127.0.0.1:{p1}"] }}
+[[trunk]]
+name = "two"
+account = "parent"
+upstream = "carrier"
+rate = 50
+burst = 5
+match = {{ sources = ["127.0.0.1:{p2}"] }}
+"#
+    );
+    let gate = TestGate::start(&cfg).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let carrier = tokio::spawn(counting_uas(uas, stop.clone()));
+    let uac = |port: u16, trunk: &str| {
+        Command::new("sipp")
+            .args([
+                "-sf",
+                &format!("{}/tests/interop/uac_cps.xml", env!("CARGO_MANIFEST_DIR")),
+            ])
+            .args([
+                &gate.udp.to_string(),
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-s",
+                trunk,
+            ])
+            .args([
+                "-m",
+                &CALLS.to_string(),
+                "-r",
+                &OFFERED.to_string(),
+                "-l",
+                "1000",
+            ])
+            .args([
+                "-nostdin",
+                "-timeout",
+                "90s",
+                "-timeout_error",
+                "-trace_err",
+            ])
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output()
+    };
+    let (a, b) = tokio::join!(uac(p1, "one"), uac(p2, "two"));
+    stop.cancel();
+    let arrivals = carrier.await.expect("uas");
+    let refused = gate.stats.rejected(cpsgate::limiter::Stage::Trunk)
+        + gate.stats.rejected(cpsgate::limiter::Stage::Account);
+    gate.stop().await;
+    for (name, out) in [("one", a), ("two", b)] {
+        let out = out.expect("sipp runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "trunk {name}: sipp reported failed calls (exit {:?}):\n{}",
+            out.status.code(),
+            text.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+        );
+    }
+    // Zero lost: every offered call was either admitted (reached the carrier once) or refused.
+    let admitted = arrivals.len() as u64;
+    assert_eq!(
+        admitted + refused,
+        u64::from(2 * CALLS),
+        "admitted {admitted} + refused {refused}"
+    );
+    let start = arrivals.first().expect("calls admitted").0;
+    let times = |trunk: &str| -> Vec<std::time::Instant> {
+        arrivals
+            .iter()
+            .filter(|(_, u)| u == trunk)
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let all: Vec<_> = arrivals.iter().map(|(t, _)| *t).collect();
+    // One call of slack per window for the arrival jitter measured at the carrier.
+    let check = |name: &str, w: &[u32], rate: u32, burst: u32| {
+        for (i, n) in w.iter().enumerate() {
+            let cap = rate + 1 + if i == 0 { burst } else { 0 };
+            assert!(
+                *n <= cap,
+                "{name}: {n} calls in second {i} over {rate} CPS: {w:?}"
+            );
+        }
+    };
+    check("trunk one", &per_second(&times("one"), start), 50, 5);
+    check("trunk two", &per_second(&times("two"), start), 50, 5);
+    let pool = per_second(&all, start);
+    check("pool", &pool, 80, 8);
+    // The pool is the binding limit: its long-run rate is within 1 % of 80 CPS.
+    let span = all
+        .last()
+        .expect("last")
+        .duration_since(all[0])
+        .as_secs_f64();
+    let rate = (all.len() - 1) as f64 / span;
+    assert!(
+        (rate - 80.0).abs() <= 0.8,
+        "pool ran at {rate:.2} CPS: {pool:?}"
+    );
+    eprintln!("pool {rate:.2} CPS over {span:.1} s; per second {pool:?}; refused {refused}");
+}
