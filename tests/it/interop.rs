@@ -198,10 +198,10 @@ async fn counting_uas(
         let at = std::time::Instant::now();
         let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
         let local = sock.local_addr().expect("addr");
-        if msg.starts_with("INVITE ") {
+        if let Some(rest) = msg.strip_prefix("INVITE ") {
             let call_id = header(&msg, "Call-ID").unwrap_or_default().to_owned();
             if seen.insert(call_id) {
-                let user = msg[7..]
+                let user = rest
                     .split('@')
                     .next()
                     .unwrap_or_default()
