@@ -1100,7 +1100,7 @@ fn warnings(upstreams: &[Upstream], trunks: &[Trunk]) -> Vec<String> {
         });
         if let Some((_, o)) = other {
             out.push(format!(
-                "trunk {} shares source networks with trunk {} on another upstream: a CANCEL for a call on {} is routed by source, to {}'s upstream",
+                "trunk {} shares source networks with trunk {} on another upstream: a CANCEL for a call on {} that has rung longer than 32 s (the decision cache's memory) is routed by source, to {}'s upstream",
                 t.name, o.name, t.name, o.name
             ));
         }

@@ -711,9 +711,10 @@ impl Core {
             Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
             Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
         };
-        // Admission: initial INVITEs only; the decision cache answers retransmissions and CANCEL.
+        // Admission: initial INVITEs only; the decision cache answers retransmissions, and sends
+        // a CANCEL and the ACK of a failed INVITE where the INVITE went.
         let initial_invite = req.method == Method::Invite && req.to_tag(buf).is_none();
-        if (initial_invite || req.method == Method::Cancel)
+        if (initial_invite || matches!(req.method, Method::Cancel | Method::Ack))
             && let Some(done) = self.admit(now, msg, &req, &via_edits, inb, origin, &mut hop)
         {
             return done;
@@ -971,6 +972,13 @@ impl Core {
         // branch and sent-by.
         let key = self.transaction_hash(b'd', msg, &req.top_via);
         let cached = self.shared.decisions.get(key, now_ns, |d| d.verdict);
+        if req.method == Method::Ack {
+            // The ACK of a non-2xx answer carries the INVITE's branch (§17.1.1.3).
+            if let Some(Verdict::Forwarded(res)) = cached {
+                *hop = Hop::Target(res.resolved());
+            }
+            return None;
+        }
         if req.method == Method::Cancel {
             return match cached {
                 // §9.2: the INVITE was already answered; the CANCEL has no effect but gets a 200.

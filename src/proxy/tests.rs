@@ -1332,3 +1332,31 @@ fn sweeping_forgets_full_buckets_and_old_decisions() {
     let t = p.sweep(t0 + Duration::from_secs(33));
     assert_eq!(t.decisions.0, 0);
 }
+
+#[test]
+fn cancel_and_ack_follow_a_header_matched_invite_even_when_another_trunk_holds_the_source() {
+    // The INVITE picks the TCP carrier by header; the source alone would pick the other one.
+    let cfg = CFG.replace(
+        "match = { header = { name = \"X-Trunk\", value = \"blue\" } }",
+        "match = { sources = [\"10.0.0.0/24\"], header = { name = \"X-Trunk\", value = \"blue\" } }",
+    );
+    // Put by-header before by-source, so the INVITE with the header matches it first.
+    let i = cfg.find("[[trunk]]\nname = \"by-source\"").expect("trunk");
+    let j = cfg.find("[[trunk]]\nname = \"by-header\"").expect("trunk");
+    let k = cfg.find("[[trunk]]\nname = \"by-user\"").expect("trunk");
+    let cfg = format!("{}{}{}{}", &cfg[..i], &cfg[j..k], &cfg[i..j], &cfg[k..]);
+    let p = proxy_with(&cfg);
+    let (inv, _) = forwarded(handle(&p, &req("INVITE", "X-Trunk: blue\r\n"), PBX));
+    assert_eq!(
+        inv.to,
+        NextHop::Addr("127.0.0.1:5090".parse().expect("addr"))
+    );
+    let (cancel, _) = forwarded(handle(&p, &req("CANCEL", ""), PBX));
+    assert_eq!(cancel.to, inv.to);
+    let ack = req("ACK", "").replace(
+        "carrier.example>\r\nCall",
+        "carrier.example>;tag=busy\r\nCall",
+    );
+    let (ack, _) = forwarded(handle(&p, &ack, PBX));
+    assert_eq!((ack.to, ack.transport), (inv.to, Transport::Tcp));
+}
