@@ -29,6 +29,8 @@ pub struct Gate {
     proxy: Arc<Proxy>,
     listeners: Vec<Listener>,
     config_path: Option<PathBuf>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
     reload: Arc<Notify>,
     shell: Arc<Shell>,
     stats: Arc<Stats>,
@@ -58,12 +60,10 @@ impl Gate {
         for (i, l) in cfg.listeners.iter().enumerate() {
             let (u, t, bound) = bind_listener(l, cfg).await?;
             if let Some(u) = u {
-                tracing::info!(listener = %l.name, "listening on udp {bound}");
                 addrs.push((Transport::Udp, bound));
                 udp.push((i, Arc::new(u)));
             }
             if let Some(t) = t {
-                tracing::info!(listener = %l.name, "listening on tcp {bound}");
                 addrs.push((Transport::Tcp, bound));
                 tcp.push((i, t));
             }
@@ -105,6 +105,8 @@ impl Gate {
             proxy,
             listeners: cfg.listeners.clone(),
             config_path: None,
+            #[cfg(unix)]
+            hangup: None,
             reload: Arc::new(Notify::new()),
             shell,
             stats,
@@ -121,6 +123,13 @@ impl Gate {
     /// two seconds), or when [`Gate::reload_trigger`] is notified.
     pub fn watch(mut self, path: PathBuf) -> Self {
         self.config_path = Some(path);
+        // Installed now, not when the watcher task first runs: a SIGHUP that comes early must
+        // not meet the default action (terminate).
+        #[cfg(unix)]
+        {
+            self.hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        }
         self
     }
 
@@ -148,7 +157,12 @@ impl Gate {
     /// away with 503 (so PBXs fail over), new TCP connections are refused, and everything that
     /// belongs to existing calls — responses, ACK, CANCEL, BYE — is still relayed. Then every
     /// loop stops and queued TCP writes get a last moment to flush.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        // Logged here, once every signal handler is in place: whoever waits for these lines may
+        // signal the process at once.
+        for (t, a) in &self.addrs {
+            tracing::info!("listening on {} {a}", t.as_via().to_ascii_lowercase());
+        }
         let accept_stop = CancellationToken::new();
         for (i, s) in self.udp {
             self.tracker.spawn(self.shell.clone().run_udp(i, s));
@@ -160,8 +174,13 @@ impl Gate {
         self.tracker
             .spawn(sweep_tables(self.proxy.clone(), self.cancel.clone()));
         if let Some(path) = self.config_path.clone() {
+            #[cfg(unix)]
+            let hangup = self.hangup.take();
+            #[cfg(not(unix))]
+            let hangup = None;
             self.tracker.spawn(watch_config(
                 path,
+                hangup,
                 self.proxy.clone(),
                 self.stats.clone(),
                 self.listeners.clone(),
@@ -231,6 +250,8 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// is refused with its errors logged; the running configuration stays.
 async fn watch_config(
     path: PathBuf,
+    #[cfg(unix)] mut hup: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] _hup: Option<()>,
     proxy: Arc<Proxy>,
     stats: Arc<Stats>,
     listeners: Vec<Listener>,
@@ -243,8 +264,6 @@ async fn watch_config(
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
     };
     let mut last = stamp(&path);
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     loop {
         #[cfg(unix)]
@@ -379,19 +398,26 @@ fn bind_udp(addr: SocketAddr, cfg: &Config) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(sock.into())
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, before the
+/// future is first polled, so call it before anything announces that the gate is up.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        let int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        async move {
+            let (mut term, mut int) = (term, int);
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

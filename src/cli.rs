@@ -90,8 +90,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
+                let shutdown = shutdown_signal();
                 let gate = Gate::bind(&cfg).await?.watch(config.clone());
-                gate.run(shutdown_signal()).await
+                gate.run(shutdown).await
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -140,6 +140,24 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
         seen[1]
     );
     let pid = child.id().expect("pid").to_string();
+    // SIGHUP reloads the file (unchanged here, so the file watcher stays quiet).
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("reload logged in time")
+            .expect("read")
+            .expect("the gate logs before exiting");
+        assert!(!line.contains("reload refused"), "{line}");
+        if line.contains("config reloaded") {
+            assert!(line.contains("SIGHUP"), "{line}");
+            break;
+        }
+    }
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
