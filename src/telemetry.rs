@@ -125,6 +125,11 @@ struct RejectLog {
 impl RejectLog {
     /// `Some(n suppressed since the last line)` when this event may be logged now.
     fn admit(&self, r: &Rejection, source: SocketAddr) -> Option<u64> {
+        let second = self.start.get_or_init(Instant::now).elapsed().as_secs();
+        self.admit_at(r, source, second)
+    }
+
+    fn admit_at(&self, r: &Rejection, source: SocketAddr, second: u64) -> Option<u64> {
         let mut h = self.hasher.build_hasher();
         r.stage.hash(&mut h);
         match r.stage {
@@ -135,7 +140,6 @@ impl RejectLog {
             Stage::Global => {}
         }
         let key = h.finish();
-        let second = self.start.get_or_init(Instant::now).elapsed().as_secs();
         if self.keys.len() >= LOG_KEYS_MAX && !self.keys.contains_key(&key) {
             self.keys.clear();
         }
@@ -225,5 +229,46 @@ impl Stats {
     /// Transport drops of one reason so far.
     pub fn transport_drops(&self, why: TransportDrop) -> u64 {
         self.transport_drops[why.index()].load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejection(stage: Stage, trunk: &str) -> Rejection {
+        Rejection {
+            stage,
+            trunk: Some(trunk.into()),
+            account: None,
+            retry_after: std::time::Duration::ZERO,
+            retransmission: false,
+            call_id: "c".into(),
+            username: None,
+        }
+    }
+
+    #[test]
+    fn refusal_lines_are_limited_per_key_and_summarised() {
+        let log = RejectLog::default();
+        let src: SocketAddr = "192.0.2.1:5060".parse().unwrap();
+        let east = rejection(Stage::Trunk, "east");
+        assert_eq!(log.admit_at(&east, src, 0), Some(0));
+        for _ in 0..99 {
+            assert_eq!(log.admit_at(&east, src, 0), None);
+        }
+        // Another key has its own allowance.
+        assert_eq!(
+            log.admit_at(&rejection(Stage::Trunk, "west"), src, 0),
+            Some(0)
+        );
+        assert_eq!(
+            log.admit_at(&rejection(Stage::Account, "east"), src, 0),
+            Some(0)
+        );
+        // The next second's line tells how many were left out.
+        assert_eq!(log.admit_at(&east, src, 1), Some(99));
+        assert_eq!(log.admit_at(&east, src, 1), None);
+        assert_eq!(log.admit_at(&east, src, 5), Some(1));
     }
 }
