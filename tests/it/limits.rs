@@ -191,7 +191,7 @@ async fn reload_changes_a_rate_without_a_fresh_burst() {
     std::fs::write(&path, limited_config(pbx.addr, carrier.addr, 2, 6)).expect("write");
     gate.reload.notify_one();
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    wait_until(|| count(&gate.stats.reloads) == 1).await;
+    wait_until(|| count(&gate.stats.reloads) >= 1).await;
     let trunk_limit = || gate.proxy.chain().trunk(0).limit();
     assert_eq!(trunk_limit().burst, 6, "reloaded");
     let mut admitted = 0;
@@ -214,7 +214,7 @@ async fn reload_changes_a_rate_without_a_fresh_burst() {
     // An invalid file is refused; the running configuration stays.
     std::fs::write(&path, "[[listen]]\naddress = 'nonsense'\n").expect("write");
     gate.reload.notify_one();
-    wait_until(|| count(&gate.stats.reload_failures) == 1).await;
+    wait_until(|| count(&gate.stats.reload_failures) >= 1).await;
     assert_eq!(trunk_limit().burst, 6);
     let _ = std::fs::remove_file(&path);
     gate.stop().await;
