@@ -111,11 +111,13 @@ fn bench(c: &mut Criterion) {
         rate: 20.0,
         burst: 20.0,
     };
+    let clock = std::sync::atomic::AtomicU64::new(0);
     g.bench_function("naive_mutex_hashmap", |b| {
         b.iter(|| {
+            let base = clock.fetch_add(PER_THREAD * 1_000, std::sync::atomic::Ordering::Relaxed);
             two_threads(|t, i| {
                 let key = (i * 2 + t) % KEYS;
-                let _ = naive.try_acquire(key, t0 + Duration::from_micros(i));
+                let _ = naive.try_acquire(key, t0 + Duration::from_nanos((base + i * 1_000) * 50));
             })
         })
     });

@@ -15,6 +15,8 @@ use crate::sip::Transport;
 
 /// Distinct rejection log keys remembered for suppression before the memory is cleared.
 const LOG_KEYS_MAX: usize = 10_000;
+/// Refusal lines per second across all keys (a flood from many sources stays cheap to log).
+const LOG_LINES_PER_SEC: u64 = 50;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -118,6 +120,8 @@ pub struct Stats {
 #[derive(Debug, Default)]
 struct RejectLog {
     keys: DashMap<u64, (u64, u64)>,
+    line_second: AtomicU64,
+    lines: AtomicU64,
     start: std::sync::OnceLock<Instant>,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -141,17 +145,30 @@ impl RejectLog {
         }
         let key = h.finish();
         if self.keys.len() >= LOG_KEYS_MAX && !self.keys.contains_key(&key) {
+            let forgotten: u64 = self.keys.iter().map(|e| e.value().1).sum();
             self.keys.clear();
+            if forgotten > 0 {
+                tracing::info!(
+                    suppressed_similar = forgotten,
+                    "refusal lines left out for keys no longer tracked"
+                );
+            }
         }
         let mut e = self.keys.entry(key).or_insert((u64::MAX, 0));
-        if e.0 == second {
+        if e.0 == second || !self.take_line(second) {
             e.1 += 1;
-            None
-        } else {
-            let suppressed = std::mem::take(&mut e.1);
-            e.0 = second;
-            Some(suppressed)
+            return None;
         }
+        e.0 = second;
+        Some(std::mem::take(&mut e.1))
+    }
+
+    /// One line of this second's overall budget.
+    fn take_line(&self, second: u64) -> bool {
+        if self.line_second.swap(second, Ordering::AcqRel) != second {
+            self.lines.store(0, Ordering::Release);
+        }
+        self.lines.fetch_add(1, Ordering::AcqRel) < LOG_LINES_PER_SEC
     }
 }
 
@@ -270,5 +287,20 @@ mod tests {
         assert_eq!(log.admit_at(&east, src, 1), Some(99));
         assert_eq!(log.admit_at(&east, src, 1), None);
         assert_eq!(log.admit_at(&east, src, 5), Some(1));
+    }
+
+    #[test]
+    fn a_flood_from_many_keys_is_held_to_an_overall_budget() {
+        let log = RejectLog::default();
+        let logged = (0..1000u32)
+            .filter(|i| {
+                let src: SocketAddr = format!("10.0.{}.{}:5060", i / 250, i % 250)
+                    .parse()
+                    .unwrap();
+                log.admit_at(&rejection(Stage::Source, "-"), src, 7)
+                    .is_some()
+            })
+            .count() as u64;
+        assert_eq!(logged, LOG_LINES_PER_SEC);
     }
 }

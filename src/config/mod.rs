@@ -694,11 +694,11 @@ impl<'t> Validator<'t> {
     ) -> Option<Limit> {
         let r = *rate.get_ref();
         let mut ok = true;
-        if !(r.is_finite() && r > 0.0 && r <= 1_000_000.0) {
+        if !(r.is_finite() && (0.001..=1_000_000.0).contains(&r)) {
             self.err_at(
                 rate,
                 format!("{key}.rate"),
-                "must be a number of calls per second > 0 and ≤ 1000000",
+                "must be a number of calls per second between 0.001 and 1000000",
             );
             ok = false;
         }

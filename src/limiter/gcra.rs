@@ -38,35 +38,44 @@ impl Epoch {
     }
 }
 
-/// The parameters of a bucket, changeable in place.
+/// Bits of the packed parameters that hold `burst - 1` (bursts up to 2^20).
+const BURST_BITS: u32 = 20;
+
+/// The parameters of a bucket, changeable in place. Interval and burst are packed into one
+/// atomic word, so a reader never sees the new interval with the old burst.
 #[derive(Debug)]
 pub struct Params {
-    interval: AtomicU64,
-    tolerance: AtomicU64,
+    packed: AtomicU64,
 }
 
 impl Params {
     /// Parameters for a limit.
     pub fn new(limit: Limit) -> Self {
-        let (i, t) = Self::split(limit);
         Self {
-            interval: AtomicU64::new(i),
-            tolerance: AtomicU64::new(t),
+            packed: AtomicU64::new(Self::pack(limit)),
         }
     }
 
+    fn pack(limit: Limit) -> u64 {
+        // Intervals up to 2^44 ns (4.9 hours per cell) fit beside the burst.
+        let interval = ((NS / limit.rate).round() as u64).clamp(1, (1 << (64 - BURST_BITS)) - 1);
+        let extra = u64::from(limit.burst.max(1) - 1).min((1 << BURST_BITS) - 1);
+        (interval << BURST_BITS) | extra
+    }
+
     fn split(limit: Limit) -> (u64, u64) {
-        let interval = (NS / limit.rate).round().max(1.0) as u64;
-        let tolerance = interval.saturating_mul(u64::from(limit.burst.max(1) - 1));
-        (interval, tolerance)
+        Self::unpack(Self::pack(limit))
+    }
+
+    fn unpack(packed: u64) -> (u64, u64) {
+        let interval = packed >> BURST_BITS;
+        let extra = packed & ((1 << BURST_BITS) - 1);
+        (interval, interval * extra)
     }
 
     /// (interval, tolerance) in nanoseconds.
     pub fn get(&self) -> (u64, u64) {
-        (
-            self.interval.load(Ordering::Relaxed),
-            self.tolerance.load(Ordering::Relaxed),
-        )
+        Self::unpack(self.packed.load(Ordering::Acquire))
     }
 
     /// The limit these parameters express.
@@ -80,9 +89,7 @@ impl Params {
 
     /// Change the parameters in place.
     pub(crate) fn set(&self, limit: Limit) {
-        let (i, t) = Self::split(limit);
-        self.interval.store(i, Ordering::Relaxed);
-        self.tolerance.store(t, Ordering::Relaxed);
+        self.packed.store(Self::pack(limit), Ordering::Release);
     }
 }
 

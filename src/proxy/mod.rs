@@ -340,31 +340,35 @@ impl CompactTarget {
     }
 }
 
-/// Whole seconds since the limiter epoch, rounded up: expiry stamps of the caches.
-fn secs_after(ns: u64, ttl: Duration) -> u32 {
-    u32::try_from((ns + ttl.as_nanos() as u64).div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
-}
-
 #[derive(Debug)]
 struct Decision {
-    expires_s: u32,
+    /// Nanoseconds since the limiter epoch: fine-grained, so a full cache evicts by count, not
+    /// whole seconds at a time.
+    expires: u64,
     verdict: Verdict,
 }
 
 impl Expiring for Decision {
     fn expires(&self) -> u64 {
-        u64::from(self.expires_s) * 1_000_000_000
+        self.expires
     }
 }
 
-/// An admitted call's Call-ID and From-tag, so its re-send with credentials after a 401/407 is
-/// not charged again (expiry in seconds since the epoch).
+/// Re-sends with credentials an admitted INVITE may make uncharged (a 401 and then a 407).
+const FREE_AUTH_RETRIES: u8 = 2;
+
+/// An admitted call (keyed by Call-ID and From-tag): its re-sends with credentials after a
+/// 401/407 — each with a higher CSeq — are not charged again, up to [`FREE_AUTH_RETRIES`].
 #[derive(Debug)]
-struct Admitted(u32);
+struct Admitted {
+    expires: u64,
+    cseq: std::sync::atomic::AtomicU32,
+    free: std::sync::atomic::AtomicU8,
+}
 
 impl Expiring for Admitted {
     fn expires(&self) -> u64 {
-        u64::from(self.0) * 1_000_000_000
+        self.expires
     }
 }
 
@@ -456,9 +460,11 @@ impl Proxy {
     /// start. On error nothing changes.
     pub fn reload(&self, cfg: &Config, now: Instant) -> Result<(), BuildError> {
         let old = self.core.load();
+        // Everything that can fail (name resolution, listener fit) first, on the old chain;
+        // only then are the live buckets rescaled.
+        let probe = Core::build(cfg, self.shared.clone(), old.chain.clone())?;
         let chain = Arc::new(old.chain.reload(&chain_spec(cfg), now));
-        let core = Core::build(cfg, self.shared.clone(), chain)?;
-        self.core.store(Arc::new(core));
+        self.core.store(Arc::new(Core { chain, ..probe }));
         Ok(())
     }
 
@@ -1006,27 +1012,49 @@ impl Core {
         let Hop::Target(target) = *hop else {
             return None;
         };
-        let expires_s = secs_after(now_ns, DECISION_TTL);
+        let expires = now_ns.saturating_add(DECISION_TTL.as_nanos() as u64);
         if let Some(ask) = self.ask(msg, req, inb, origin) {
             let buf = msg.buf();
             let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
             h.write_u8(b'a');
-            h.write(req.call_id(buf));
-            h.write(req.from_tag(buf).unwrap_or_default());
+            for field in [req.call_id(buf), req.from_tag(buf).unwrap_or_default()] {
+                h.write_usize(field.len());
+                h.write(field);
+            }
             let attempt = h.finish();
             let has_credentials = msg.first(HeaderName::Authorization).is_some()
                 || msg.first(HeaderName::ProxyAuthorization).is_some();
-            // An INVITE re-sent with credentials after a 401/407 of an admitted attempt.
+            // An INVITE re-sent with credentials (and a higher CSeq) after a 401/407 of an
+            // admitted attempt; each admitted attempt has a couple of such re-sends, no more.
+            let cseq = req.cseq.as_ref().map_or(0, |c| c.0);
             let auth_retry = !self.charge_auth_retry
                 && has_credentials
-                && self.shared.admitted.get(attempt, now_ns, |_| ()).is_some();
+                && self
+                    .shared
+                    .admitted
+                    .get(attempt, now_ns, |a| {
+                        use std::sync::atomic::Ordering::AcqRel;
+                        if cseq <= a.cseq.load(std::sync::atomic::Ordering::Acquire) {
+                            return false;
+                        }
+                        let spent = a.free.fetch_update(
+                            AcqRel,
+                            std::sync::atomic::Ordering::Acquire,
+                            |f| f.checked_sub(1),
+                        );
+                        if spent.is_ok() {
+                            a.cseq.fetch_max(cseq, AcqRel);
+                        }
+                        spent.is_ok()
+                    })
+                    .unwrap_or(false);
             if !auth_retry {
                 if let Err(refused) = self.chain.admit(now, &ask) {
                     self.shared.decisions.insert(
                         key,
                         now_ns,
                         Decision {
-                            expires_s,
+                            expires,
                             verdict: Verdict::Rejected(refused.stage),
                         },
                     );
@@ -1041,16 +1069,22 @@ impl Core {
                         key,
                     ));
                 }
-                self.shared
-                    .admitted
-                    .insert(attempt, now_ns, Admitted(expires_s));
+                self.shared.admitted.insert(
+                    attempt,
+                    now_ns,
+                    Admitted {
+                        expires,
+                        cseq: std::sync::atomic::AtomicU32::new(cseq),
+                        free: std::sync::atomic::AtomicU8::new(FREE_AUTH_RETRIES),
+                    },
+                );
             }
         }
         self.shared.decisions.insert(
             key,
             now_ns,
             Decision {
-                expires_s,
+                expires,
                 verdict: Verdict::Forwarded(CompactTarget::from_resolved(target)),
             },
         );
@@ -1068,13 +1102,15 @@ impl Core {
     ) -> Option<Ask> {
         let (first, account) = match origin {
             Origin::Trunk(t) => (First::Trunk(t), self.routes.trunks()[t].account),
-            Origin::Unknown if self.unknown_sources == UnknownSources::Limit => {
+            Origin::Unknown | Origin::Pbx if self.unknown_sources == UnknownSources::Limit => {
                 let ip = canonical_ip(inb.source.ip());
                 let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
                 h.write_u8(b's');
                 match ip {
                     IpAddr::V4(v4) => h.write(&v4.octets()),
-                    IpAddr::V6(v6) => h.write(&v6.octets()),
+                    // One subscriber holds a whole /64: limit the prefix, or it walks around
+                    // the limit (and fills the table) address by address.
+                    IpAddr::V6(v6) => h.write(&v6.octets()[..8]),
                 }
                 (First::Source(h.finish()), None)
             }
@@ -1422,7 +1458,10 @@ impl Core {
             .filter(|b| b.starts_with(COOKIE.as_bytes()) && b.len() > COOKIE.len())?;
         let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
         h.write_u8(label);
+        // Lengths first: field boundaries cannot be shifted to forge a collision.
+        h.write_usize(b.len());
         h.write(b);
+        h.write_usize(via.host_range.len());
         h.write(&buf[via.host_range.clone()]);
         h.write_u16(via.port.unwrap_or(0));
         Some(h.finish())
@@ -1447,9 +1486,12 @@ impl Core {
         let method = Method::from_bytes(msg.method().unwrap_or_default());
         let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
         h.write_u8(label);
-        h.write(&buf[via.range.clone()]);
-        h.write(&tag_of(HeaderName::From));
-        h.write(msg.value(HeaderName::CallId).unwrap_or_default());
+        let call_id = msg.value(HeaderName::CallId).unwrap_or_default();
+        let from_tag = tag_of(HeaderName::From);
+        for field in [&buf[via.range.clone()], &from_tag[..], call_id] {
+            h.write_usize(field.len());
+            h.write(field);
+        }
         let cseq = msg
             .value(HeaderName::CSeq)
             .and_then(|v| crate::sip::header::parse_cseq(v).ok());

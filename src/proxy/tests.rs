@@ -1360,3 +1360,68 @@ fn cancel_and_ack_follow_a_header_matched_invite_even_when_another_trunk_holds_t
     let (ack, _) = forwarded(handle(&p, &ack, PBX));
     assert_eq!((ack.to, ack.transport), (inv.to, Transport::Tcp));
 }
+
+#[test]
+fn auth_retries_are_free_only_with_a_higher_cseq_and_only_twice() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
+    let with_creds = |cseq: u32, branch: &str| {
+        call(1)
+            .replace("z9hG4bKcall1", branch)
+            .replace("CSeq: 1 INVITE", &format!("CSeq: {cseq} INVITE"))
+            .replace(
+                "Content-Length",
+                "Authorization: Digest username=\"pbx\", realm=\"c\"\r\nContent-Length",
+            )
+    };
+    // 401, then 407: two re-sends with credentials pass uncharged.
+    assert!(matches!(
+        at(&p, &with_creds(2, "z9hG4bKr2"), PBX, t0),
+        Action::Forward(_)
+    ));
+    // Same CSeq again (a forged re-send, not a retransmission: new branch) is charged.
+    assert_eq!(
+        rejected(at(&p, &with_creds(2, "z9hG4bKr2b"), PBX, t0))
+            .0
+            .stage,
+        Stage::Trunk
+    );
+    assert!(matches!(
+        at(&p, &with_creds(3, "z9hG4bKr3"), PBX, t0),
+        Action::Forward(_)
+    ));
+    // A third is charged like any new call.
+    assert_eq!(
+        rejected(at(&p, &with_creds(4, "z9hG4bKr4"), PBX, t0))
+            .0
+            .stage,
+        Stage::Trunk
+    );
+}
+
+#[test]
+fn a_reload_that_fails_changes_nothing() {
+    let t0 = Instant::now();
+    let p = limited(t0);
+    let bad = LIMITED
+        .replace(
+            "address = \"192.0.2.80:5060\"",
+            "address = \"no-such-host.invalid:5060\"\nsources = [\"192.0.2.80\"]",
+        )
+        .replace(
+            "rate = 1\nburst = 1\nmatch",
+            "rate = 100\nburst = 100\nmatch",
+        );
+    let cfg = Config::parse(&bad, "t").expect("valid on paper");
+    assert!(p.reload(&cfg, t0).is_err());
+    assert_eq!(
+        p.chain().trunk(0).limit(),
+        crate::limiter::Limit {
+            rate: 1.0,
+            burst: 1
+        }
+    );
+    assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
+    assert_eq!(rejected(at(&p, &call(2), PBX, t0)).0.stage, Stage::Trunk);
+}
