@@ -27,6 +27,8 @@ const PORT_ATTEMPTS: usize = 16;
 /// A gate whose sockets are bound but not yet served.
 pub struct Gate {
     proxy: Arc<Proxy>,
+    admin: Option<(TcpListener, Option<String>)>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     listeners: Vec<Listener>,
     config_path: Option<PathBuf>,
     #[cfg(unix)]
@@ -101,8 +103,19 @@ impl Gate {
             cancel.clone(),
             tracker.clone(),
         );
+        let admin = match &cfg.admin {
+            Some(a) => Some((
+                TcpListener::bind(a.address)
+                    .await
+                    .with_context(|| format!("binding the admin listener {}", a.address))?,
+                a.token.clone(),
+            )),
+            None => None,
+        };
         Ok(Self {
             proxy,
+            admin,
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             listeners: cfg.listeners.clone(),
             config_path: None,
             #[cfg(unix)]
@@ -143,6 +156,11 @@ impl Gate {
         self.proxy.clone()
     }
 
+    /// The admin API's bound address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// The bound addresses, by transport, in config order.
     pub fn local_addrs(&self) -> &[(Transport, SocketAddr)] {
         &self.addrs
@@ -171,6 +189,32 @@ impl Gate {
             self.tracker
                 .spawn(self.shell.clone().run_tcp(i, l, accept_stop.clone()));
         }
+        if let Some((listener, token)) = self.admin.take() {
+            if let Ok(a) = listener.local_addr() {
+                tracing::info!("{}", crate::admin::describe(a));
+            }
+            let reloader: Option<crate::admin::Reloader> = self.config_path.clone().map(|path| {
+                let (proxy, stats, listeners) = (
+                    self.proxy.clone(),
+                    self.stats.clone(),
+                    self.listeners.clone(),
+                );
+                let f: crate::admin::Reloader =
+                    Arc::new(move || reload(&path, &proxy, &stats, &listeners, "admin API"));
+                f
+            });
+            let state = crate::admin::AdminState::new(
+                self.proxy.clone(),
+                self.stats.clone(),
+                token,
+                self.ready.clone(),
+                reloader,
+            );
+            self.tracker
+                .spawn(crate::admin::serve(listener, state, self.cancel.clone()));
+        }
+        // Every SIP listener is bound (in `bind`) and now served.
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
         self.tracker
             .spawn(sweep_tables(self.proxy.clone(), self.cancel.clone()));
         if let Some(path) = self.config_path.clone() {
@@ -290,48 +334,61 @@ async fn watch_config(
                 "file changed"
             }
         };
-        let counter = if reload(&path, &proxy, &listeners, why) {
-            &stats.reloads
-        } else {
-            &stats.reload_failures
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = reload(&path, &proxy, &stats, &listeners, why);
     }
 }
 
 /// True when the new configuration was applied.
-fn reload(path: &std::path::Path, proxy: &Proxy, listeners: &[Listener], why: &str) -> bool {
-    let cfg = match Config::load(path) {
-        Ok(c) => c,
+/// Reload from `path`, log the outcome and count it; the error lists what is wrong.
+fn reload(
+    path: &std::path::Path,
+    proxy: &Proxy,
+    stats: &Stats,
+    listeners: &[Listener],
+    why: &str,
+) -> Result<(), String> {
+    let result = apply(path, proxy, listeners);
+    match &result {
+        Ok(n) => {
+            tracing::info!(
+                reason = why,
+                trunks = n.0,
+                accounts = n.1,
+                "config reloaded"
+            );
+            stats
+                .reloads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Err(e) => {
             tracing::error!(
                 reason = why,
                 "config reload refused, the running configuration stays:\n{e}"
             );
-            return false;
+            stats
+                .reload_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-    };
+    }
+    result.map(|_| ())
+}
+
+fn apply(
+    path: &std::path::Path,
+    proxy: &Proxy,
+    listeners: &[Listener],
+) -> Result<(usize, usize), String> {
+    let cfg = Config::load(path).map_err(|e| e.to_string())?;
     if cfg.listeners != listeners {
         tracing::warn!("[[listen]] changes take effect at the next start only");
     }
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");
     }
-    match proxy.reload(&cfg, Instant::now()) {
-        Ok(()) => {
-            tracing::info!(
-                reason = why,
-                trunks = cfg.trunks.len(),
-                accounts = cfg.accounts.len(),
-                "config reloaded"
-            );
-            true
-        }
-        Err(e) => {
-            tracing::error!(reason = why, error = %e, "config reload refused, the running configuration stays");
-            false
-        }
-    }
+    proxy
+        .reload(&cfg, Instant::now())
+        .map_err(|e| e.to_string())?;
+    Ok((cfg.trunks.len(), cfg.accounts.len()))
 }
 
 async fn bind_listener(

@@ -9,6 +9,7 @@
 //! without I/O. [`app`] binds and wires everything; [`config`] turns the TOML file into a
 //! validated [`config::Config`] before anything is bound.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;

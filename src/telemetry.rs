@@ -66,6 +66,17 @@ pub enum TransportDrop {
 impl TransportDrop {
     const COUNT: usize = 7;
 
+    /// Every reason, for metrics.
+    pub const ALL: [TransportDrop; 7] = [
+        Self::Oversize,
+        Self::QueueFull,
+        Self::ConnectFailed,
+        Self::SendFailed,
+        Self::ResolveFailed,
+        Self::Capacity,
+        Self::BadFraming,
+    ];
+
     fn index(self) -> usize {
         self as usize
     }
@@ -107,11 +118,51 @@ pub struct Stats {
     pub retransmissions: AtomicU64,
     /// Rejection log lines left out by the per-key limit.
     pub suppressed_logs: AtomicU64,
+    /// Responses relayed, by class (index = code / 100).
+    pub responses: [AtomicU64; 7],
+    /// Time the core took per message.
+    pub latency: Histogram,
     /// Configuration reloads applied.
     pub reloads: AtomicU64,
     /// Configuration reloads refused (invalid file, unresolvable target).
     pub reload_failures: AtomicU64,
     reject_log: RejectLog,
+}
+
+/// Upper bounds (ns) of the decision-latency histogram buckets.
+pub const LATENCY_BOUNDS_NS: [u64; 9] = [
+    500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1_000_000,
+];
+
+/// A fixed-bucket histogram of nanosecond durations (Prometheus `le` buckets, cumulative at
+/// render time).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Count one observation.
+    pub fn observe(&self, ns: u64) {
+        let i = LATENCY_BOUNDS_NS
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(LATENCY_BOUNDS_NS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts (not cumulative; the last is +Inf) and the sum in ns.
+    pub fn read(&self) -> (Vec<u64>, u64) {
+        (
+            self.buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            self.sum_ns.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// At most one rejection line per key (stage and trunk, account, source or username) per
@@ -177,8 +228,13 @@ impl Stats {
     pub fn record(&self, action: &Action, source: SocketAddr, transport: Transport) {
         self.received.fetch_add(1, Ordering::Relaxed);
         match action {
-            Action::Forward(_) => {
+            Action::Forward(out) => {
                 self.forwarded.fetch_add(1, Ordering::Relaxed);
+                if let Some(rest) = out.data.strip_prefix(b"SIP/2.0 ")
+                    && let Some(d) = rest.first().filter(|d| d.is_ascii_digit())
+                {
+                    self.responses[usize::from(d - b'0').min(6)].fetch_add(1, Ordering::Relaxed);
+                }
             }
             Action::Reply(code, _) => {
                 let class = usize::from(code / 100).min(6);
@@ -241,6 +297,11 @@ impl Stats {
     /// Calls refused at `stage` so far (retransmissions not included).
     pub fn rejected(&self, stage: Stage) -> u64 {
         self.rejected[stage.index()].load(Ordering::Relaxed)
+    }
+
+    /// Local answers so far, by class (index = code / 100).
+    pub fn replies(&self, class: usize) -> u64 {
+        self.replies[class.min(6)].load(Ordering::Relaxed)
     }
 
     /// Transport drops of one reason so far.

@@ -44,8 +44,31 @@ pub struct Config {
     pub limits: Limits,
     /// The answer to a call over a limit.
     pub reply: Reply,
+    /// The admin listener, when `[admin]` is present.
+    pub admin: Option<Admin>,
+    /// A digest of the file's text (shown by the admin API, changes with every edit).
+    pub digest: String,
     /// Legal but risky choices, logged at start and printed by `check-config`.
     pub warnings: Vec<String>,
+}
+
+/// `[admin]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// Where the HTTP admin API listens.
+    pub address: SocketAddr,
+    /// Bearer token for the mutating endpoints; without one they are refused.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token never reaches a log line.
+        f.debug_struct("Admin")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 /// `[limits]`.
@@ -307,6 +330,7 @@ struct RawDoc {
     trunk: Vec<raw::Trunk>,
     limits: raw::Limits,
     reply: raw::Reply,
+    admin: Option<raw::Admin>,
 }
 
 impl<'t> Validator<'t> {
@@ -411,11 +435,12 @@ impl<'t> Validator<'t> {
                 "pbx" => doc.pbx = self.section(key, v),
                 "limits" => doc.limits = self.section(key, v).unwrap_or_default(),
                 "reply" => doc.reply = self.section(key, v).unwrap_or_default(),
+                "admin" => doc.admin = Some(self.section(key, v).unwrap_or_default()),
                 other => self.err(
                     k.span(),
                     other,
                     "",
-                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply)",
+                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin)",
                 ),
             }
         }
@@ -514,6 +539,7 @@ impl<'t> Validator<'t> {
         self.check_listener_overlap(&listeners, &doc.listen);
         let limits = self.limits(&doc.limits);
         let reply = self.reply(&doc.reply);
+        let admin = doc.admin.as_ref().map(|a| self.admin(a));
         if !self.errors.is_empty() {
             return None;
         }
@@ -530,8 +556,60 @@ impl<'t> Validator<'t> {
             trunks,
             limits,
             reply,
+            admin,
+            digest: digest(self.text),
             warnings,
         })
+    }
+
+    fn admin(&mut self, a: &raw::Admin) -> Admin {
+        let address = match &a.address {
+            None => SocketAddr::from(([127, 0, 0, 1], 9090)),
+            Some(s) => s.get_ref().parse().unwrap_or_else(|_| {
+                self.err_at(
+                    s,
+                    "admin.address",
+                    "must be IP:port, e.g. \"127.0.0.1:9090\"",
+                );
+                SocketAddr::from(([127, 0, 0, 1], 9090))
+            }),
+        };
+        let token = match (&a.token, &a.token_env) {
+            (Some(t), None) => Some(t.get_ref().clone()),
+            (None, Some(var)) => match std::env::var(var.get_ref()) {
+                Ok(v) if !v.is_empty() => Some(v),
+                _ => {
+                    self.err_at(var, "admin.token_env", "environment variable is not set");
+                    None
+                }
+            },
+            (None, None) => None,
+            (Some(t), Some(_)) => {
+                self.err(
+                    t.span(),
+                    "admin.token",
+                    "(hidden)",
+                    "give token or token_env, not both",
+                );
+                None
+            }
+        };
+        if let Some(t) = &token
+            && t.len() < 16
+        {
+            let span = a
+                .token
+                .as_ref()
+                .or(a.token_env.as_ref())
+                .map_or(0..0, |s| s.span());
+            self.err(
+                span,
+                "admin.token",
+                "(hidden)",
+                "must be at least 16 characters",
+            );
+        }
+        Admin { address, token }
     }
 
     fn rate(&mut self, key: &str, r: Option<&raw::Rate>) -> Option<Limit> {
@@ -1069,6 +1147,14 @@ impl<'t> Validator<'t> {
             max_message_size,
         })
     }
+}
+
+/// 16 hex digits identifying a configuration text.
+fn digest(text: &str) -> String {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x636f_6e66, 0x6967);
+    h.write(text.as_bytes());
+    format!("{:016x}", h.finish())
 }
 
 /// Legal but risky settings an operator should know about.

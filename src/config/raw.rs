@@ -154,3 +154,12 @@ pub struct Reply {
     pub reasons: Reasons,
     pub retry_after: Option<RetryAfter>,
 }
+
+/// `[admin]`: the HTTP admin listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: Option<Spanned<String>>,
+    pub token: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+}

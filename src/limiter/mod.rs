@@ -103,12 +103,83 @@ pub struct ChainSpec {
     pub table_cap: usize,
 }
 
+/// Counters of one trunk or account, kept across reloads with its bucket.
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    admitted: std::sync::atomic::AtomicU64,
+    rejected: [std::sync::atomic::AtomicU64; Stage::ALL.len()],
+    /// (second, admitted in it) of the current second, and the count of the one before.
+    second: std::sync::atomic::AtomicU64,
+    this_second: std::sync::atomic::AtomicU64,
+    last_second: std::sync::atomic::AtomicU64,
+}
+
+impl KeyStats {
+    fn roll(&self, second: u64) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let seen = self.second.load(Acquire);
+        if seen != second
+            && self
+                .second
+                .compare_exchange(seen, second, AcqRel, Acquire)
+                .is_ok()
+        {
+            let n = self.this_second.swap(0, AcqRel);
+            // A gap of more than a second means the last full second had nothing.
+            self.last_second.store(
+                if second == seen + 1 { n } else { 0 },
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+    }
+
+    /// Count an admitted call at `now_ns`.
+    pub fn admitted_at(&self, now_ns: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.roll(now_ns / 1_000_000_000);
+        self.admitted.fetch_add(1, Relaxed);
+        self.this_second.fetch_add(1, Relaxed);
+    }
+
+    /// Count a call refused at `stage`.
+    pub fn rejected_at(&self, stage: Stage) {
+        self.rejected[stage.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Calls admitted so far.
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Calls refused at `stage` so far.
+    pub fn rejected(&self, stage: Stage) -> u64 {
+        self.rejected[stage.index()].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Calls admitted in the last whole second before `now_ns`.
+    pub fn cps(&self, now_ns: u64) -> u64 {
+        self.roll(now_ns / 1_000_000_000);
+        self.last_second.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A named bucket with its counters.
+#[derive(Debug)]
+pub struct Keyed {
+    /// The name (trunk or account).
+    pub name: String,
+    /// Its bucket.
+    pub bucket: Arc<Gcra>,
+    /// Its counters.
+    pub stats: Arc<KeyStats>,
+}
+
 /// The buckets of one configuration. Trunk and account buckets are shared (`Arc`) with the chain
 /// a reload builds, so their state survives it.
 pub struct Chain {
     epoch: Epoch,
-    trunks: Vec<(String, Arc<Gcra>)>,
-    accounts: Vec<(String, Arc<Gcra>)>,
+    trunks: Vec<Keyed>,
+    accounts: Vec<Keyed>,
     sources: Arc<KeyedBuckets>,
     usernames: Option<Arc<KeyedBuckets>>,
     global: Option<Arc<Gcra>>,
@@ -129,7 +200,11 @@ impl Chain {
     pub fn new(spec: &ChainSpec, epoch: Epoch) -> Self {
         let fresh = |list: &[(String, Limit)]| {
             list.iter()
-                .map(|(n, l)| (n.clone(), Arc::new(Gcra::new(*l, epoch))))
+                .map(|(n, l)| Keyed {
+                    name: n.clone(),
+                    bucket: Arc::new(Gcra::new(*l, epoch)),
+                    stats: Arc::default(),
+                })
                 .collect()
         };
         Self {
@@ -147,17 +222,22 @@ impl Chain {
     /// The chain for a new configuration: buckets whose name remains keep their state and get
     /// the new limit in place (the cells used stay used); new names start full; removed ones go.
     pub fn reload(&self, spec: &ChainSpec, now: Instant) -> Self {
-        let carry = |old: &[(String, Arc<Gcra>)], new: &[(String, Limit)]| {
+        let carry = |old: &[Keyed], new: &[(String, Limit)]| {
             new.iter()
-                .map(|(n, l)| {
-                    let bucket = match old.iter().find(|(o, _)| o == n) {
-                        Some((_, b)) => {
-                            b.rescale(now, *l);
-                            b.clone()
+                .map(|(n, l)| match old.iter().find(|o| &o.name == n) {
+                    Some(o) => {
+                        o.bucket.rescale(now, *l);
+                        Keyed {
+                            name: n.clone(),
+                            bucket: o.bucket.clone(),
+                            stats: o.stats.clone(),
                         }
-                        None => Arc::new(Gcra::new(*l, self.epoch)),
-                    };
-                    (n.clone(), bucket)
+                    }
+                    None => Keyed {
+                        name: n.clone(),
+                        bucket: Arc::new(Gcra::new(*l, self.epoch)),
+                        stats: Arc::default(),
+                    },
                 })
                 .collect()
         };
@@ -199,7 +279,7 @@ impl Chain {
         let refused = |stage, retry_after| Refused { stage, retry_after };
         match ask.first {
             First::Trunk(t) => self.trunks[t]
-                .1
+                .bucket
                 .try_acquire(now)
                 .map_err(|w| refused(Stage::Trunk, w))?,
             First::Source(k) => self
@@ -208,7 +288,7 @@ impl Chain {
                 .map_err(|w| refused(Stage::Source, w))?,
         }
         let undo_first = || match ask.first {
-            First::Trunk(t) => self.trunks[t].1.refund(),
+            First::Trunk(t) => self.trunks[t].bucket.refund(),
             First::Source(k) => self.sources.refund(k),
         };
         let user = ask.username.zip(self.usernames.as_ref());
@@ -223,7 +303,7 @@ impl Chain {
                 table.refund(k);
             }
         };
-        let account = ask.account.map(|a| &self.accounts[a].1);
+        let account = ask.account.map(|a| &self.accounts[a].bucket);
         if let Some(pool) = account
             && let Err(w) = pool.try_acquire(now)
         {
@@ -246,12 +326,27 @@ impl Chain {
 
     /// A trunk's bucket.
     pub fn trunk(&self, t: usize) -> &Gcra {
-        &self.trunks[t].1
+        &self.trunks[t].bucket
     }
 
     /// An account's bucket.
     pub fn account(&self, a: usize) -> &Gcra {
-        &self.accounts[a].1
+        &self.accounts[a].bucket
+    }
+
+    /// Every trunk with its bucket and counters, in config order.
+    pub fn trunks(&self) -> &[Keyed] {
+        &self.trunks
+    }
+
+    /// Every account with its bucket and counters, in config order.
+    pub fn accounts(&self) -> &[Keyed] {
+        &self.accounts
+    }
+
+    /// The global bucket, if configured.
+    pub fn global(&self) -> Option<&Gcra> {
+        self.global.as_deref()
     }
 
     /// The per-source table.

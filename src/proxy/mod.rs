@@ -260,6 +260,8 @@ struct Core {
     reply_cfg: crate::config::Reply,
     charge_auth_retry: bool,
     trunk_names: Vec<Arc<str>>,
+    upstream_names: Vec<Arc<str>>,
+    digest: String,
     account_names: Vec<Arc<str>>,
 }
 
@@ -375,8 +377,68 @@ impl Expiring for Admitted {
 /// How long a decision is remembered: 64·T1 (RFC 3261 §17.1.1.2 Timer B).
 const DECISION_TTL: Duration = Duration::from_secs(32);
 
-/// (entries, cap, evicted so far) of each bounded table.
+/// Which kind of bucket [`Proxy::set_limit`] changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// A trunk's own limit.
+    Trunk,
+    /// An account's pool.
+    Account,
+}
+
+/// No trunk or account has that name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no such trunk or account")]
+pub struct UnknownName;
+
+/// One trunk's or account's limit and counters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeyView {
+    /// Name.
+    pub name: String,
+    /// Calls per second.
+    pub rate: f64,
+    /// Burst cells.
+    pub burst: u32,
+    /// Cells that could go back to back now.
+    pub available: u32,
+    /// Calls admitted in the last whole second.
+    pub cps: u64,
+    /// Calls admitted since start.
+    pub admitted: u64,
+    /// Calls refused, by stage (stages with none left out).
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// A trunk as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrunkView {
+    /// Parent account.
+    pub account: Option<String>,
+    /// Carrier it sends to.
+    pub upstream: String,
+    /// Limit and counters.
+    #[serde(flatten)]
+    pub limits: KeyView,
+}
+
+/// The state of every limit at one instant.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Snapshot {
+    /// Digest of the configuration text in force.
+    pub digest: String,
+    /// Trunks in config order.
+    pub trunks: Vec<TrunkView>,
+    /// Accounts in config order.
+    pub accounts: Vec<KeyView>,
+    /// Bounded tables.
+    pub tables: TableSizes,
+    /// True once a shutdown has started.
+    pub draining: bool,
+}
+
+/// (entries, cap, evicted so far) of each bounded table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TableSizes {
     /// Per-source buckets.
     pub sources: (usize, usize, u64),
@@ -537,6 +599,65 @@ impl Proxy {
         }
     }
 
+    /// What the admin API shows: every trunk and account with its limit, what it has left, the
+    /// calls it admitted in the last second and its counters.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let core = self.core.load();
+        let ns = core.chain.epoch().ns(now);
+        let view = |k: &crate::limiter::Keyed| KeyView {
+            name: k.name.clone(),
+            rate: k.bucket.limit().rate,
+            burst: k.bucket.limit().burst,
+            available: k.bucket.available(now),
+            cps: k.stats.cps(ns),
+            admitted: k.stats.admitted(),
+            rejected: Stage::ALL
+                .iter()
+                .map(|s| (s.as_str(), k.stats.rejected(*s)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        };
+        Snapshot {
+            digest: core.digest.clone(),
+            trunks: core
+                .chain
+                .trunks()
+                .iter()
+                .zip(core.routes.trunks())
+                .map(|(k, t)| TrunkView {
+                    account: t.account.map(|a| core.account_names[a].to_string()),
+                    upstream: core.upstream_names[t.upstream].to_string(),
+                    limits: view(k),
+                })
+                .collect(),
+            accounts: core.chain.accounts().iter().map(view).collect(),
+            tables: self.table_sizes(),
+            draining: self
+                .shared
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Change a trunk's or account's rate and burst in place, until the next reload (which
+    /// sets the configured values again). The cells used stay used.
+    pub fn set_limit(
+        &self,
+        kind: LimitKind,
+        name: &str,
+        limit: crate::limiter::Limit,
+        now: Instant,
+    ) -> Result<(), UnknownName> {
+        let core = self.core.load();
+        let list = match kind {
+            LimitKind::Trunk => core.chain.trunks(),
+            LimitKind::Account => core.chain.accounts(),
+        };
+        let k = list.iter().find(|k| k.name == name).ok_or(UnknownName)?;
+        k.bucket.rescale(now, limit);
+        Ok(())
+    }
+
     /// The `;cg=` dialog mark our Record-Route carries for this message's Call-ID.
     pub fn dialog_mark(&self, msg: &Message<'_>) -> String {
         self.core.load().dialog_mark(msg)
@@ -605,6 +726,12 @@ impl Core {
             chain,
             reply_cfg: cfg.reply.clone(),
             charge_auth_retry: cfg.limits.charge_auth_retry,
+            upstream_names: cfg
+                .upstreams
+                .iter()
+                .map(|u| Arc::from(u.name.as_str()))
+                .collect(),
+            digest: cfg.digest.clone(),
             trunk_names: cfg
                 .trunks
                 .iter()
@@ -1048,8 +1175,17 @@ impl Core {
                         spent.is_ok()
                     })
                     .unwrap_or(false);
+            let counters = |f: &dyn Fn(&crate::limiter::KeyStats)| {
+                if let First::Trunk(t) = ask.first {
+                    f(&self.chain.trunks()[t].stats);
+                }
+                if let Some(a) = ask.account {
+                    f(&self.chain.accounts()[a].stats);
+                }
+            };
             if !auth_retry {
                 if let Err(refused) = self.chain.admit(now, &ask) {
+                    counters(&|s| s.rejected_at(refused.stage));
                     self.shared.decisions.insert(
                         key,
                         now_ns,
@@ -1069,6 +1205,7 @@ impl Core {
                         key,
                     ));
                 }
+                counters(&|s| s.admitted_at(now_ns));
                 self.shared.admitted.insert(
                     attempt,
                     now_ns,

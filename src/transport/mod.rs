@@ -164,7 +164,7 @@ impl Shell {
                 self.stats.transport_drop(TransportDrop::Oversize, src);
                 self.proxy.refuse_raw(&inb, 513, "Message Too Large")
             } else {
-                self.proxy.handle(Instant::now(), &inb)
+                self.decide(&inb)
             };
             self.stats.record(&action, src, Transport::Udp);
             self.execute(action).await;
@@ -207,6 +207,16 @@ impl Shell {
                 drop(permit);
             });
         }
+    }
+
+    /// Run the core on one message, timing it for the latency histogram.
+    fn decide(&self, inb: &Inbound<'_>) -> Action {
+        let start = Instant::now();
+        let action = self.proxy.handle(start, inb);
+        self.stats
+            .latency
+            .observe(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        action
     }
 
     /// Carry out one decision of the core.
@@ -411,7 +421,7 @@ impl Shell {
                             listener,
                             conn: Some(id),
                         };
-                        let action = self.proxy.handle(Instant::now(), &inb);
+                        let action = self.decide(&inb);
                         self.stats.record(&action, peer, Transport::Tcp);
                         self.execute(action).await;
                     }

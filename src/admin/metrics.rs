@@ -1,0 +1,309 @@
+//! The Prometheus text exposition of the gate's counters. Everything is read from atomics that
+//! exist from start (the `Stats` counters, each trunk's and account's `KeyStats`); a scrape
+//! formats them, the SIP path never looks anything up.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::limiter::Stage;
+use crate::proxy::{DropReason, Proxy};
+use crate::telemetry::{LATENCY_BOUNDS_NS, Stats, TransportDrop};
+
+/// Escape a label value (`\`, `"` and newlines, per the exposition format).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", label(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+const CLASSES: [&str; 7] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx"];
+
+/// Render every metric.
+pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
+    let mut o = Out(String::with_capacity(8192));
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+
+    o.family(
+        "cpsgate_messages_received_total",
+        "counter",
+        "SIP messages handed to the decision core.",
+    );
+    o.sample(
+        "cpsgate_messages_received_total",
+        &[],
+        load(&stats.received),
+    );
+    o.family(
+        "cpsgate_messages_forwarded_total",
+        "counter",
+        "Requests and responses relayed.",
+    );
+    o.sample(
+        "cpsgate_messages_forwarded_total",
+        &[],
+        load(&stats.forwarded),
+    );
+    o.family(
+        "cpsgate_responses_relayed_total",
+        "counter",
+        "Responses relayed, by class.",
+    );
+    for (i, c) in CLASSES.iter().enumerate().skip(1) {
+        o.sample(
+            "cpsgate_responses_relayed_total",
+            &[("class", c)],
+            load(&stats.responses[i]),
+        );
+    }
+    o.family("cpsgate_local_replies_total", "counter", "Answers the gate generated itself (400, 403, 483, CANCEL 200, ...), by class; CPS refusals are cpsgate_invites_total.");
+    for (i, c) in CLASSES.iter().enumerate().skip(1) {
+        o.sample(
+            "cpsgate_local_replies_total",
+            &[("class", c)],
+            stats.replies(i),
+        );
+    }
+    o.family(
+        "cpsgate_drops_total",
+        "counter",
+        "Messages dropped without an answer, by reason.",
+    );
+    for r in DropReason::ALL {
+        o.sample(
+            "cpsgate_drops_total",
+            &[("reason", r.as_str())],
+            stats.drops(r),
+        );
+    }
+    for r in TransportDrop::ALL {
+        o.sample(
+            "cpsgate_drops_total",
+            &[("reason", r.as_str())],
+            stats.transport_drops(r),
+        );
+    }
+    o.family(
+        "cpsgate_acks_absorbed_total",
+        "counter",
+        "ACKs of the gate's own final answers, absorbed.",
+    );
+    o.sample("cpsgate_acks_absorbed_total", &[], load(&stats.absorbed));
+    o.family(
+        "cpsgate_retransmissions_absorbed_total",
+        "counter",
+        "Retransmitted refused INVITEs answered from the decision cache, uncharged.",
+    );
+    o.sample(
+        "cpsgate_retransmissions_absorbed_total",
+        &[],
+        load(&stats.retransmissions),
+    );
+    o.family(
+        "cpsgate_refusals_by_stage_total",
+        "counter",
+        "Calls refused by a CPS limit, by stage (all trunks and sources).",
+    );
+    for s in Stage::ALL {
+        o.sample(
+            "cpsgate_refusals_by_stage_total",
+            &[("stage", s.as_str())],
+            stats.rejected(s),
+        );
+    }
+
+    let snap = proxy.snapshot(now);
+    o.family(
+        "cpsgate_invites_total",
+        "counter",
+        "Initial INVITEs of each trunk, by outcome (forwarded, or rejected at a stage).",
+    );
+    for t in &snap.trunks {
+        let account = t.account.as_deref().unwrap_or("");
+        let base = [("trunk", t.limits.name.as_str()), ("account", account)];
+        o.sample(
+            "cpsgate_invites_total",
+            &[base[0], base[1], ("outcome", "forwarded")],
+            t.limits.admitted,
+        );
+        for (stage, n) in &t.limits.rejected {
+            o.sample(
+                "cpsgate_invites_total",
+                &[base[0], base[1], ("outcome", "rejected"), ("stage", stage)],
+                n,
+            );
+        }
+    }
+    o.family(
+        "cpsgate_account_invites_total",
+        "counter",
+        "Initial INVITEs of each account's trunks, by outcome.",
+    );
+    for a in &snap.accounts {
+        o.sample(
+            "cpsgate_account_invites_total",
+            &[("account", &a.name), ("outcome", "forwarded")],
+            a.admitted,
+        );
+        for (stage, n) in &a.rejected {
+            o.sample(
+                "cpsgate_account_invites_total",
+                &[
+                    ("account", &a.name),
+                    ("outcome", "rejected"),
+                    ("stage", stage),
+                ],
+                n,
+            );
+        }
+    }
+    o.family(
+        "cpsgate_trunk_cps",
+        "gauge",
+        "Calls a trunk admitted in the last whole second.",
+    );
+    for t in &snap.trunks {
+        o.sample(
+            "cpsgate_trunk_cps",
+            &[("trunk", &t.limits.name)],
+            t.limits.cps,
+        );
+    }
+    o.family(
+        "cpsgate_account_cps",
+        "gauge",
+        "Calls an account admitted in the last whole second.",
+    );
+    for a in &snap.accounts {
+        o.sample("cpsgate_account_cps", &[("account", &a.name)], a.cps);
+    }
+    o.family(
+        "cpsgate_limit_rate",
+        "gauge",
+        "Configured (or runtime-set) rate, calls per second.",
+    );
+    o.family(
+        "cpsgate_limit_burst",
+        "gauge",
+        "Configured (or runtime-set) burst, calls.",
+    );
+    for (kind, k) in snap
+        .trunks
+        .iter()
+        .map(|t| ("trunk", &t.limits))
+        .chain(snap.accounts.iter().map(|a| ("account", a)))
+    {
+        o.sample(
+            "cpsgate_limit_rate",
+            &[("kind", kind), ("name", &k.name)],
+            k.rate,
+        );
+        o.sample(
+            "cpsgate_limit_burst",
+            &[("kind", kind), ("name", &k.name)],
+            k.burst,
+        );
+    }
+    o.family(
+        "cpsgate_table_entries",
+        "gauge",
+        "Entries in a bounded table.",
+    );
+    o.family(
+        "cpsgate_table_capacity",
+        "gauge",
+        "Hard cap of a bounded table.",
+    );
+    o.family(
+        "cpsgate_table_evictions_total",
+        "counter",
+        "Entries forgotten (refilled, expired, or over the cap).",
+    );
+    let mut tables = vec![
+        ("sources", snap.tables.sources),
+        ("decisions", snap.tables.decisions),
+    ];
+    if let Some(u) = snap.tables.usernames {
+        tables.push(("usernames", u));
+    }
+    for (name, (len, cap, evicted)) in tables {
+        o.sample("cpsgate_table_entries", &[("table", name)], len);
+        o.sample("cpsgate_table_capacity", &[("table", name)], cap);
+        o.sample("cpsgate_table_evictions_total", &[("table", name)], evicted);
+    }
+    o.family(
+        "cpsgate_decision_seconds",
+        "histogram",
+        "Time the decision core took per message.",
+    );
+    let (buckets, sum_ns) = stats.latency.read();
+    let mut cumulative = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        cumulative += n;
+        let le = LATENCY_BOUNDS_NS
+            .get(i)
+            .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 / 1e9));
+        o.sample(
+            "cpsgate_decision_seconds_bucket",
+            &[("le", &le)],
+            cumulative,
+        );
+    }
+    o.sample("cpsgate_decision_seconds_sum", &[], sum_ns as f64 / 1e9);
+    o.sample("cpsgate_decision_seconds_count", &[], cumulative);
+    o.family(
+        "cpsgate_config_reloads_total",
+        "counter",
+        "Configuration reloads, by result.",
+    );
+    o.sample(
+        "cpsgate_config_reloads_total",
+        &[("result", "applied")],
+        load(&stats.reloads),
+    );
+    o.sample(
+        "cpsgate_config_reloads_total",
+        &[("result", "refused")],
+        load(&stats.reload_failures),
+    );
+    o.family(
+        "cpsgate_tcp_connections_total",
+        "counter",
+        "TCP connections opened, both directions.",
+    );
+    o.sample(
+        "cpsgate_tcp_connections_total",
+        &[],
+        load(&stats.connections),
+    );
+    o.family(
+        "cpsgate_draining",
+        "gauge",
+        "1 once a shutdown has started.",
+    );
+    o.sample("cpsgate_draining", &[], u8::from(snap.draining));
+    o.0
+}
