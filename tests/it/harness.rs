@@ -26,6 +26,7 @@ pub struct TestGate {
     pub stats: Arc<Stats>,
     pub proxy: Arc<cpsgate::proxy::Proxy>,
     pub reload: Arc<tokio::sync::Notify>,
+    pub admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -59,6 +60,7 @@ impl TestGate {
         let stats = gate.stats();
         let proxy = gate.proxy();
         let reload = gate.reload_trigger();
+        let admin = gate.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gate.run(async move {
             let _ = rx.await;
@@ -69,6 +71,7 @@ impl TestGate {
             stats,
             proxy,
             reload,
+            admin,
             stop: Some(tx),
             task: Some(task),
         }
@@ -321,4 +324,33 @@ pub fn respond(req: &str, code: u16, reason: &str, to_tag: &str, contact: Option
     }
     out.push_str("Content-Length: 0\r\n\r\n");
     out
+}
+
+/// One HTTP/1.1 request to the admin API; (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect admin");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("admin answers in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    (code, body)
 }

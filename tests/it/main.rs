@@ -1,6 +1,7 @@
 //! Integration tests: one binary. `harness` starts the gate in-process on ephemeral loopback
 //! ports with fake PBX and carrier peers.
 
+mod admin;
 mod differential;
 mod flows;
 mod harness;
