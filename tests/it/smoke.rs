@@ -102,7 +102,8 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
     let cfg = std::fs::read_to_string(repo("config/cpsgate.toml"))
         .expect("read")
         .replace("address = \"127.0.0.1:5060\"", "address = \"127.0.0.1:0\"")
-        .replace("shutdown_grace_secs = 5", "shutdown_grace_secs = 1");
+        .replace("shutdown_grace_secs = 5", "shutdown_grace_secs = 1")
+        .replace("address = \"127.0.0.1:9090\"", "address = \"127.0.0.1:0\"");
     let path = temp_file("run.toml", &cfg);
     let mut child = Command::new(bin())
         .args([
@@ -119,7 +120,7 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
         .expect("spawn");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    while seen.len() < 3 {
         let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
             .await
             .expect("startup log in time")
