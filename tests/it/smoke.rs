@@ -140,6 +140,11 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
         "{}",
         seen[1]
     );
+    assert!(
+        seen[2].contains("listening on http 127.0.0.1:"),
+        "{}",
+        seen[2]
+    );
     let pid = child.id().expect("pid").to_string();
     // SIGHUP reloads the file (unchanged here, so the file watcher stays quiet).
     let hup = std::process::Command::new("kill")
