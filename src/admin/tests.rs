@@ -233,3 +233,26 @@ async fn the_api_has_its_own_rate_limit() {
     assert!((150..=170).contains(&i), "limited after {i} requests");
     assert_eq!(retry.expect("Retry-After"), "1");
 }
+
+/// Every metric the shipped Grafana dashboard queries exists in `/metrics`.
+#[tokio::test]
+async fn the_dashboard_queries_only_metrics_we_export() {
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).expect("dashboard JSON");
+    let s = state(None, None);
+    let (_, text) = call(&s, "GET", "/metrics", None, "").await;
+    let mut checked = 0;
+    for p in dashboard["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("cpsgate_"))
+            {
+                assert!(text.contains(&format!("\n{name}")) || text.starts_with(name), "{name} is not exported");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10);
+}
