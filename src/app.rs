@@ -26,6 +26,7 @@ const PORT_ATTEMPTS: usize = 16;
 
 /// A gate whose sockets are bound but not yet served.
 pub struct Gate {
+    alerts: Option<Arc<crate::alerts::Alerts>>,
     proxy: Arc<Proxy>,
     admin: Option<(TcpListener, Option<String>)>,
     ready: Arc<std::sync::atomic::AtomicBool>,
@@ -94,14 +95,18 @@ impl Gate {
         for (i, s) in &udp {
             udp_by_listener[*i] = Some(s.clone());
         }
+        let alerts = cfg
+            .alerts
+            .clone()
+            .map(|a| crate::alerts::Alerts::start(a, proxy.clone(), cancel.clone(), &tracker));
         let shell = Shell::new(
             proxy.clone(),
             stats.clone(),
             udp_by_listener,
-            cfg.tcp,
-            cfg.proxy.max_message_size,
+            (cfg.tcp, cfg.proxy.max_message_size),
             cancel.clone(),
             tracker.clone(),
+            alerts.clone(),
         );
         let admin = match &cfg.admin {
             Some(a) => Some((
@@ -113,6 +118,7 @@ impl Gate {
             None => None,
         };
         Ok(Self {
+            alerts,
             proxy,
             admin,
             ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -149,6 +155,11 @@ impl Gate {
     /// Notify this to reload the configuration file now.
     pub fn reload_trigger(&self) -> Arc<Notify> {
         self.reload.clone()
+    }
+
+    /// The alert handle, when `[alerts]` is configured (for its counters).
+    pub fn alerts(&self) -> Option<Arc<crate::alerts::Alerts>> {
+        self.alerts.clone()
     }
 
     /// The proxy core (for inspection).

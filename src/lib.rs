@@ -10,6 +10,7 @@
 //! validated [`config::Config`] before anything is bound.
 
 pub mod admin;
+pub mod alerts;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -237,8 +237,8 @@ async fn the_api_has_its_own_rate_limit() {
 /// Every metric the shipped Grafana dashboard queries exists in `/metrics`.
 #[tokio::test]
 async fn the_dashboard_queries_only_metrics_we_export() {
-    let dashboard: Value =
-        serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).expect("dashboard JSON");
+    let dashboard: Value = serde_json::from_str(include_str!("../../docs/grafana-dashboard.json"))
+        .expect("dashboard JSON");
     let s = state(None, None);
     let (_, text) = call(&s, "GET", "/metrics", None, "").await;
     let mut checked = 0;
@@ -249,7 +249,10 @@ async fn the_dashboard_queries_only_metrics_we_export() {
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| w.starts_with("cpsgate_"))
             {
-                assert!(text.contains(&format!("\n{name}")) || text.starts_with(name), "{name} is not exported");
+                assert!(
+                    text.contains(&format!("\n{name}")) || text.starts_with(name),
+                    "{name} is not exported"
+                );
                 checked += 1;
             }
         }

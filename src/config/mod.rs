@@ -46,10 +46,34 @@ pub struct Config {
     pub reply: Reply,
     /// The admin listener, when `[admin]` is present.
     pub admin: Option<Admin>,
+    /// The alert webhook, when `[alerts]` is present.
+    pub alerts: Option<AlertSettings>,
     /// A digest of the file's text (shown by the admin API, changes with every edit).
     pub digest: String,
     /// Legal but risky choices, logged at start and printed by `check-config`.
     pub warnings: Vec<String>,
+}
+
+/// `[alerts]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertSettings {
+    /// The webhook URL as written (for logs).
+    pub url: String,
+    /// Its host.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// Its path (with query).
+    pub path: String,
+    /// At most one start event per key per this interval; also the quiet time that ends an
+    /// episode.
+    pub debounce: std::time::Duration,
+    /// Per attempt.
+    pub timeout: std::time::Duration,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// Events waiting for delivery before new ones are dropped.
+    pub queue: usize,
 }
 
 /// `[admin]`.
@@ -331,6 +355,7 @@ struct RawDoc {
     limits: raw::Limits,
     reply: raw::Reply,
     admin: Option<raw::Admin>,
+    alerts: Option<raw::Alerts>,
 }
 
 impl<'t> Validator<'t> {
@@ -436,11 +461,12 @@ impl<'t> Validator<'t> {
                 "limits" => doc.limits = self.section(key, v).unwrap_or_default(),
                 "reply" => doc.reply = self.section(key, v).unwrap_or_default(),
                 "admin" => doc.admin = Some(self.section(key, v).unwrap_or_default()),
+                "alerts" => doc.alerts = self.section(key, v),
                 other => self.err(
                     k.span(),
                     other,
                     "",
-                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin)",
+                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin, alerts)",
                 ),
             }
         }
@@ -540,6 +566,7 @@ impl<'t> Validator<'t> {
         let limits = self.limits(&doc.limits);
         let reply = self.reply(&doc.reply);
         let admin = doc.admin.as_ref().map(|a| self.admin(a));
+        let alerts = doc.alerts.as_ref().and_then(|a| self.alerts(a));
         if !self.errors.is_empty() {
             return None;
         }
@@ -557,6 +584,7 @@ impl<'t> Validator<'t> {
             limits,
             reply,
             admin,
+            alerts,
             digest: digest(self.text),
             warnings,
         })
@@ -610,6 +638,51 @@ impl<'t> Validator<'t> {
             );
         }
         Admin { address, token }
+    }
+
+    fn alerts(&mut self, a: &raw::Alerts) -> Option<AlertSettings> {
+        let url = a.webhook.get_ref().clone();
+        let parsed = url.strip_prefix("http://").and_then(|rest| {
+            let (hostport, path) = rest
+                .split_once('/')
+                .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+            let (host, port) = split_host_port(hostport)?;
+            Some((host, port.unwrap_or(80), path))
+        });
+        let debounce = self.size(
+            "alerts.debounce_secs",
+            a.debounce_secs.as_ref(),
+            60,
+            1..=86_400,
+        );
+        let timeout = self.size(
+            "alerts.timeout_ms",
+            a.timeout_ms.as_ref(),
+            2000,
+            10..=60_000,
+        );
+        let retries = self.size("alerts.retries", a.retries.as_ref(), 2, 0..=10);
+        let queue = self.size("alerts.queue", a.queue.as_ref(), 256, 1..=100_000);
+        match parsed {
+            Some((host, port, path)) => Some(AlertSettings {
+                url,
+                host,
+                port,
+                path,
+                debounce: std::time::Duration::from_secs(debounce as u64),
+                timeout: std::time::Duration::from_millis(timeout as u64),
+                retries: retries as u32,
+                queue,
+            }),
+            None => {
+                self.err_at(
+                    &a.webhook,
+                    "alerts.webhook",
+                    "must be an http:// URL (for HTTPS, point it at a local relay)",
+                );
+                None
+            }
+        }
     }
 
     fn rate(&mut self, key: &str, r: Option<&raw::Rate>) -> Option<Limit> {

@@ -163,3 +163,14 @@ pub struct Admin {
     pub token: Option<Spanned<String>>,
     pub token_env: Option<Spanned<String>>,
 }
+
+/// `[alerts]`: the webhook told when limits start and stop refusing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    pub webhook: Spanned<String>,
+    pub debounce_secs: Option<Spanned<i64>>,
+    pub timeout_ms: Option<Spanned<i64>>,
+    pub retries: Option<Spanned<i64>>,
+    pub queue: Option<Spanned<i64>>,
+}

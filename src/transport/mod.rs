@@ -104,18 +104,20 @@ pub struct Shell {
     dns: DashMap<(String, u16), (SocketAddr, Instant)>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    alerts: Option<Arc<crate::alerts::Alerts>>,
 }
 
 impl Shell {
-    /// Build the shell. `udp[i]` is listener `i`'s UDP socket, if it serves UDP.
+    /// Build the shell. `udp[i]` is listener `i`'s UDP socket, if it serves UDP; the limits are
+    /// the TCP settings and the largest message.
     pub fn new(
         proxy: Arc<Proxy>,
         stats: Arc<Stats>,
         udp: Vec<Option<Arc<UdpSocket>>>,
-        tcp: TcpSettings,
-        max_message: usize,
+        (tcp, max_message): (TcpSettings, usize),
         cancel: CancellationToken,
         tracker: TaskTracker,
+        alerts: Option<Arc<crate::alerts::Alerts>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             proxy,
@@ -130,7 +132,18 @@ impl Shell {
             lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
             cancel,
             tracker,
+            alerts,
         })
+    }
+
+    /// Count and log one decision, and tell the alert monitor about refusals.
+    fn observe(&self, action: &Action, peer: SocketAddr, transport: Transport) {
+        self.stats.record(action, peer, transport);
+        if let (Some(a), Action::Reject(r, _)) = (&self.alerts, action)
+            && !r.retransmission
+        {
+            a.notify(r);
+        }
     }
 
     /// Number of open TCP connections.
@@ -166,7 +179,7 @@ impl Shell {
             } else {
                 self.decide(&inb)
             };
-            self.stats.record(&action, src, Transport::Udp);
+            self.observe(&action, src, Transport::Udp);
             self.execute(action).await;
         }
     }
@@ -422,7 +435,7 @@ impl Shell {
                             conn: Some(id),
                         };
                         let action = self.decide(&inb);
-                        self.stats.record(&action, peer, Transport::Tcp);
+                        self.observe(&action, peer, Transport::Tcp);
                         self.execute(action).await;
                     }
                     Ok(Some(Frame::Ping)) => {
@@ -447,7 +460,7 @@ impl Shell {
                             conn: Some(id),
                         };
                         let action = self.proxy.refuse_raw(&inb, e.code, e.reason);
-                        self.stats.record(&action, peer, Transport::Tcp);
+                        self.observe(&action, peer, Transport::Tcp);
                         self.execute(action).await;
                         break 'conn;
                     }

@@ -2,6 +2,7 @@
 //! ports with fake PBX and carrier peers.
 
 mod admin;
+mod alerts;
 mod differential;
 mod flows;
 mod harness;
