@@ -82,6 +82,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/accounts", get(accounts))
         .route("/v1/trunks/{name}", put(put_trunk).get(get_trunk))
         .route("/v1/accounts/{name}", put(put_account).get(get_account))
+        .route("/v1/usage", get(usage))
         .route("/v1/reload", post(reload))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
@@ -231,6 +232,17 @@ async fn trunks(State(s): State<Arc<AdminState>>) -> Response {
 
 async fn accounts(State(s): State<Arc<AdminState>>) -> Response {
     axum::Json(s.proxy.snapshot(Instant::now()).accounts).into_response()
+}
+
+async fn usage(State(s): State<Arc<AdminState>>) -> Response {
+    let snap = s.proxy.snapshot(Instant::now());
+    let row = |k: &crate::proxy::KeyView| json!({ "name": k.name, "admitted": k.admitted, "usage": k.usage });
+    axum::Json(json!({
+        "trunks": snap.trunks.iter().map(|t| row(&t.limits)).collect::<Vec<_>>(),
+        "accounts": snap.accounts.iter().map(row).collect::<Vec<_>>(),
+        "thresholds": { "asr_above": 0.70, "acd_above_secs": 30, "short_call_secs": 12, "short_share_at_most": 0.10 },
+    }))
+    .into_response()
 }
 
 fn check_id(name: &str) -> Result<(), ApiError> {

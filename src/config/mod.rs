@@ -48,10 +48,23 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// The alert webhook, when `[alerts]` is present.
     pub alerts: Option<AlertSettings>,
+    /// The traffic profile.
+    pub usage: UsageSettings,
     /// A digest of the file's text (shown by the admin API, changes with every edit).
     pub digest: String,
     /// Legal but risky choices, logged at start and printed by `check-config`.
     pub warnings: Vec<String>,
+}
+
+/// `[usage]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageSettings {
+    /// Period of the per-second peaks and their 95th percentile, seconds.
+    pub period_secs: u64,
+    /// Most calls followed at once for ASR/ACD (admitted, not yet ended).
+    pub dialog_table_size: usize,
+    /// A call followed longer than this is forgotten (its BYE never came).
+    pub max_call_secs: u64,
 }
 
 /// `[alerts]`.
@@ -356,6 +369,7 @@ struct RawDoc {
     reply: raw::Reply,
     admin: Option<raw::Admin>,
     alerts: Option<raw::Alerts>,
+    usage: raw::Usage,
 }
 
 impl<'t> Validator<'t> {
@@ -462,11 +476,12 @@ impl<'t> Validator<'t> {
                 "reply" => doc.reply = self.section(key, v).unwrap_or_default(),
                 "admin" => doc.admin = Some(self.section(key, v).unwrap_or_default()),
                 "alerts" => doc.alerts = self.section(key, v),
+                "usage" => doc.usage = self.section(key, v).unwrap_or_default(),
                 other => self.err(
                     k.span(),
                     other,
                     "",
-                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin, alerts)",
+                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin, alerts, usage)",
                 ),
             }
         }
@@ -567,6 +582,26 @@ impl<'t> Validator<'t> {
         let reply = self.reply(&doc.reply);
         let admin = doc.admin.as_ref().map(|a| self.admin(a));
         let alerts = doc.alerts.as_ref().and_then(|a| self.alerts(a));
+        let usage = UsageSettings {
+            period_secs: self.size(
+                "usage.period_secs",
+                doc.usage.period_secs.as_ref(),
+                3600,
+                1..=86_400,
+            ) as u64,
+            dialog_table_size: self.size(
+                "usage.dialog_table_size",
+                doc.usage.dialog_table_size.as_ref(),
+                100_000,
+                1..=10_000_000,
+            ),
+            max_call_secs: self.size(
+                "usage.max_call_secs",
+                doc.usage.max_call_secs.as_ref(),
+                14_400,
+                60..=604_800,
+            ) as u64,
+        };
         if !self.errors.is_empty() {
             return None;
         }
@@ -585,6 +620,7 @@ impl<'t> Validator<'t> {
             reply,
             admin,
             alerts,
+            usage,
             digest: digest(self.text),
             warnings,
         })

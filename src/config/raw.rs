@@ -174,3 +174,12 @@ pub struct Alerts {
     pub retries: Option<Spanned<i64>>,
     pub queue: Option<Spanned<i64>>,
 }
+
+/// `[usage]`: the traffic profile.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub period_secs: Option<Spanned<i64>>,
+    pub dialog_table_size: Option<Spanned<i64>>,
+    pub max_call_secs: Option<Spanned<i64>>,
+}

@@ -8,12 +8,14 @@
 
 pub mod gcra;
 pub mod table;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use gcra::{Epoch, Gcra, Limit};
 pub use table::{BoundedMap, Expiring, KeyedBuckets};
+pub use usage::{KeyStats, Usage};
 
 /// A stage of the admission chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,66 +103,6 @@ pub struct ChainSpec {
     pub global: Option<Limit>,
     /// Cap of the per-source and per-username tables each.
     pub table_cap: usize,
-}
-
-/// Counters of one trunk or account, kept across reloads with its bucket.
-#[derive(Debug, Default)]
-pub struct KeyStats {
-    admitted: std::sync::atomic::AtomicU64,
-    rejected: [std::sync::atomic::AtomicU64; Stage::ALL.len()],
-    /// (second, admitted in it) of the current second, and the count of the one before.
-    second: std::sync::atomic::AtomicU64,
-    this_second: std::sync::atomic::AtomicU64,
-    last_second: std::sync::atomic::AtomicU64,
-}
-
-impl KeyStats {
-    fn roll(&self, second: u64) {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        let seen = self.second.load(Acquire);
-        if seen != second
-            && self
-                .second
-                .compare_exchange(seen, second, AcqRel, Acquire)
-                .is_ok()
-        {
-            let n = self.this_second.swap(0, AcqRel);
-            // A gap of more than a second means the last full second had nothing.
-            self.last_second.store(
-                if second == seen + 1 { n } else { 0 },
-                std::sync::atomic::Ordering::Release,
-            );
-        }
-    }
-
-    /// Count an admitted call at `now_ns`.
-    pub fn admitted_at(&self, now_ns: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.roll(now_ns / 1_000_000_000);
-        self.admitted.fetch_add(1, Relaxed);
-        self.this_second.fetch_add(1, Relaxed);
-    }
-
-    /// Count a call refused at `stage`.
-    pub fn rejected_at(&self, stage: Stage) {
-        self.rejected[stage.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Calls admitted so far.
-    pub fn admitted(&self) -> u64 {
-        self.admitted.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Calls refused at `stage` so far.
-    pub fn rejected(&self, stage: Stage) -> u64 {
-        self.rejected[stage.index()].load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Calls admitted in the last whole second before `now_ns`.
-    pub fn cps(&self, now_ns: u64) -> u64 {
-        self.roll(now_ns / 1_000_000_000);
-        self.last_second.load(std::sync::atomic::Ordering::Acquire)
-    }
 }
 
 /// A named bucket with its counters.

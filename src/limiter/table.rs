@@ -131,6 +131,11 @@ impl<V: Expiring> BoundedMap<V> {
         self.map.insert(key, value);
     }
 
+    /// Remove an entry.
+    pub fn remove(&self, key: u64) {
+        self.map.remove(&key);
+    }
+
     /// Remove every expired entry; returns how many went.
     pub fn sweep(&self, now: u64) -> usize {
         let before = self.map.len();

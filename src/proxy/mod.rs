@@ -242,6 +242,8 @@ struct Shared {
     draining: std::sync::atomic::AtomicBool,
     decisions: BoundedMap<Decision>,
     admitted: BoundedMap<Admitted>,
+    dialogs: BoundedMap<Followed>,
+    max_call_ns: u64,
 }
 
 /// The stateless proxy core, as seen through one configuration. A reload builds a new one (its
@@ -262,6 +264,7 @@ struct Core {
     trunk_names: Vec<Arc<str>>,
     upstream_names: Vec<Arc<str>>,
     digest: String,
+    usage_period: u64,
     account_names: Vec<Arc<str>>,
 }
 
@@ -374,6 +377,31 @@ impl Expiring for Admitted {
     }
 }
 
+/// An admitted call followed until it ends, for ASR and ACD.
+#[derive(Debug)]
+struct Followed {
+    expires: u64,
+    /// Nanoseconds since the epoch + 1 when answered; 0 before.
+    answered_at: std::sync::atomic::AtomicU64,
+    trunk: Arc<crate::limiter::KeyStats>,
+    account: Option<Arc<crate::limiter::KeyStats>>,
+}
+
+impl Followed {
+    fn each(&self, f: impl Fn(&crate::limiter::KeyStats)) {
+        f(&self.trunk);
+        if let Some(a) = &self.account {
+            f(a);
+        }
+    }
+}
+
+impl Expiring for Followed {
+    fn expires(&self) -> u64 {
+        self.expires
+    }
+}
+
 /// How long a decision is remembered: 64·T1 (RFC 3261 §17.1.1.2 Timer B).
 const DECISION_TTL: Duration = Duration::from_secs(32);
 
@@ -408,6 +436,8 @@ pub struct KeyView {
     pub admitted: u64,
     /// Calls refused, by stage (stages with none left out).
     pub rejected: std::collections::BTreeMap<&'static str, u64>,
+    /// The traffic profile: per-second peaks, ASR, ACD, short calls.
+    pub usage: crate::limiter::Usage,
 }
 
 /// A trunk as the admin API shows it.
@@ -446,6 +476,8 @@ pub struct TableSizes {
     pub usernames: Option<(usize, usize, u64)>,
     /// The decision cache.
     pub decisions: (usize, usize, u64),
+    /// Calls followed for ASR and ACD.
+    pub dialogs: (usize, usize, u64),
 }
 
 /// A call refused by a limit: what the shell logs and counts.
@@ -507,6 +539,8 @@ impl Proxy {
             draining: std::sync::atomic::AtomicBool::new(false),
             decisions: BoundedMap::new(cfg.limits.decision_cache_size),
             admitted: BoundedMap::new(cfg.limits.decision_cache_size),
+            dialogs: BoundedMap::new(cfg.usage.dialog_table_size),
+            max_call_ns: cfg.usage.max_call_secs * 1_000_000_000,
         });
         let chain = Arc::new(Chain::new(&chain_spec(cfg), Epoch::new(start)));
         let core = Core::build(cfg, shared.clone(), chain)?;
@@ -580,6 +614,7 @@ impl Proxy {
         }
         self.shared.decisions.sweep(ns);
         self.shared.admitted.sweep(ns);
+        self.shared.dialogs.sweep(ns);
         self.table_sizes()
     }
 
@@ -596,6 +631,11 @@ impl Proxy {
                 self.shared.decisions.cap(),
                 self.shared.decisions.evicted(),
             ),
+            dialogs: (
+                self.shared.dialogs.len(),
+                self.shared.dialogs.cap(),
+                self.shared.dialogs.evicted(),
+            ),
         }
     }
 
@@ -611,6 +651,7 @@ impl Proxy {
             available: k.bucket.available(now),
             cps: k.stats.cps(ns),
             admitted: k.stats.admitted(),
+            usage: k.stats.usage(ns, core.usage_period),
             rejected: Stage::ALL
                 .iter()
                 .map(|s| (s.as_str(), k.stats.rejected(*s)))
@@ -732,6 +773,7 @@ impl Core {
                 .map(|u| Arc::from(u.name.as_str()))
                 .collect(),
             digest: cfg.digest.clone(),
+            usage_period: cfg.usage.period_secs,
             trunk_names: cfg
                 .trunks
                 .iter()
@@ -761,7 +803,7 @@ impl Core {
             Err(_) => return Action::Drop(DropReason::NotSip),
         };
         if msg.is_response() {
-            self.route_response(&msg)
+            self.route_response(now, &msg)
         } else {
             self.route_request(now, &msg, inb)
         }
@@ -796,6 +838,9 @@ impl Core {
             Err(e) => return self.refuse_raw(inb, 400, &format!("Bad Request ({e})")),
         };
         let via_edits = received_edits(&req.top_via, inb.source);
+        if req.method == Method::Bye {
+            self.follow_bye(now, msg);
+        }
         let ruri = match self.validate(msg, &req) {
             Ok(u) => u,
             // §17.2.1: an ACK is never answered.
@@ -1206,6 +1251,20 @@ impl Core {
                     ));
                 }
                 counters(&|s| s.admitted_at(now_ns));
+                // Follow the call for ASR and ACD (a bounded table; calls that never end are
+                // forgotten after usage.max_call_secs).
+                if let First::Trunk(t) = ask.first {
+                    self.shared.dialogs.insert(
+                        self.dialog_key(msg),
+                        now_ns,
+                        Followed {
+                            expires: now_ns.saturating_add(self.shared.max_call_ns),
+                            answered_at: std::sync::atomic::AtomicU64::new(0),
+                            trunk: self.chain.trunks()[t].stats.clone(),
+                            account: ask.account.map(|a| self.chain.accounts()[a].stats.clone()),
+                        },
+                    );
+                }
                 self.shared.admitted.insert(
                     attempt,
                     now_ns,
@@ -1338,6 +1397,71 @@ impl Core {
             },
             out,
         )
+    }
+
+    /// The key of a followed call: its Call-ID.
+    fn dialog_key(&self, msg: &Message<'_>) -> u64 {
+        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
+        h.write_u8(b'g');
+        h.write(msg.value(HeaderName::CallId).unwrap_or_default());
+        h.finish()
+    }
+
+    /// A final answer to a followed INVITE: answered (2xx) or ended (≥ 300, except the 401/407
+    /// of a challenge, which the caller answers with a new attempt of the same call).
+    fn follow_response(&self, now: Instant, msg: &Message<'_>) {
+        let Some(code) = msg.status().filter(|c| *c >= 200) else {
+            return;
+        };
+        if code == 401 || code == 407 {
+            return;
+        }
+        let invite = msg
+            .value(HeaderName::CSeq)
+            .and_then(|v| crate::sip::header::parse_cseq(v).ok())
+            .is_some_and(|(_, m)| m == b"INVITE");
+        if !invite {
+            return;
+        }
+        let ns = self.chain.epoch().ns(now);
+        let key = self.dialog_key(msg);
+        let ended = self.shared.dialogs.get(key, ns, |d| {
+            use std::sync::atomic::Ordering::AcqRel;
+            if code < 300 {
+                // The first 2xx answers the call; retransmitted 2xx change nothing.
+                if d.answered_at
+                    .compare_exchange(0, ns + 1, AcqRel, std::sync::atomic::Ordering::Acquire)
+                    .is_ok()
+                {
+                    d.each(|s| s.answered());
+                }
+                false
+            } else {
+                if d.answered_at.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    d.each(|s| s.failed());
+                }
+                true
+            }
+        });
+        if ended == Some(true) {
+            self.shared.dialogs.remove(key);
+        }
+    }
+
+    /// A BYE ends a followed, answered call: its talk time counts for ACD.
+    fn follow_bye(&self, now: Instant, msg: &Message<'_>) {
+        let ns = self.chain.epoch().ns(now);
+        let key = self.dialog_key(msg);
+        let found = self.shared.dialogs.get(key, ns, |d| {
+            let answered = d.answered_at.load(std::sync::atomic::Ordering::Acquire);
+            if answered > 0 {
+                let talk = ns.saturating_sub(answered - 1);
+                d.each(|s| s.completed(talk));
+            }
+        });
+        if found.is_some() {
+            self.shared.dialogs.remove(key);
+        }
     }
 
     /// The `;cg=` value of our Record-Route for this Call-ID.
@@ -1475,7 +1599,8 @@ impl Core {
     }
 
     /// RFC 3261 §16.7 / §16.11 response handling.
-    fn route_response(&self, msg: &Message<'_>) -> Action {
+    fn route_response(&self, now: Instant, msg: &Message<'_>) -> Action {
+        self.follow_response(now, msg);
         let buf = msg.buf();
         if msg.defect().is_some() {
             return Action::Drop(DropReason::BadResponse);

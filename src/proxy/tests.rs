@@ -1425,3 +1425,55 @@ fn a_reload_that_fails_changes_nothing() {
     assert!(matches!(at(&p, &call(1), PBX, t0), Action::Forward(_)));
     assert_eq!(rejected(at(&p, &call(2), PBX, t0)).0.stage, Stage::Trunk);
 }
+
+/// A scripted call mix with known answer rate and durations gives the known usage figures.
+#[test]
+fn usage_follows_answers_failures_and_byes() {
+    let t0 = Instant::now();
+    let cfg = Config::parse(CFG, "test").expect("valid");
+    let p = Proxy::new_at(&cfg, test_listeners(), t0).expect("builds");
+    let s = |secs: u64| t0 + Duration::from_secs(secs);
+    // 7 answered calls with these talk times, 3 ended with 486, 480, 503; one 407 on the way.
+    let talk = [5u64, 8, 40, 40, 40, 40, 37];
+    for n in 0..10u32 {
+        let inv = call(n);
+        let (_, fwd) = forwarded(at(&p, &inv, PBX, s(u64::from(n))));
+        let _ = at(&p, &response_to(&fwd, 180), CARRIER, s(u64::from(n)));
+        if n == 0 {
+            // A challenge is not the end of the call.
+            let _ = at(&p, &response_to(&fwd, 407), CARRIER, s(0));
+        }
+        let code = match n {
+            7 => 486,
+            8 => 480,
+            9 => 503,
+            _ => 200,
+        };
+        let _ = at(&p, &response_to(&fwd, code), CARRIER, s(u64::from(n) + 1));
+        if code == 200 {
+            // A retransmitted 200 changes nothing.
+            let _ = at(&p, &response_to(&fwd, 200), CARRIER, s(u64::from(n) + 2));
+            let bye = req("BYE", "Route: <sip:192.0.2.10:5060;lr>\r\n")
+                .replace(
+                    "BYE sip:+15551234567@carrier.example",
+                    "BYE sip:c@192.0.2.80",
+                )
+                .replace("cid-1", &format!("cid-{n}"))
+                .replace("z9hG4bKabc", &format!("z9hG4bKbye{n}"))
+                .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+            let end = s(u64::from(n) + 1 + talk[n as usize]);
+            assert!(matches!(
+                at(&p, &marked(&p, &bye), PBX, end),
+                Action::Forward(_)
+            ));
+        }
+    }
+    let snap = p.snapshot(s(100));
+    let u = snap.trunks[0].limits.usage;
+    assert_eq!((u.answered, u.failed), (7, 3));
+    assert_eq!(u.asr, Some(0.7));
+    assert!((u.acd_secs.expect("acd") - 30.0).abs() < 1e-6, "{u:?}");
+    assert_eq!(u.short_call_share, Some(2.0 / 7.0));
+    assert_eq!(u.peak_cps, 1);
+    assert_eq!(p.table_sizes().dialogs.0, 0, "every followed call ended");
+}
