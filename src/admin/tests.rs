@@ -259,3 +259,20 @@ async fn the_dashboard_queries_only_metrics_we_export() {
     }
     assert!(checked >= 10);
 }
+
+#[tokio::test]
+async fn usage_lists_every_trunk_and_account_with_the_thresholds() {
+    let s = state(None, None);
+    let (code, body) = call(&s, "GET", "/v1/usage", None, "").await;
+    assert_eq!(code, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["trunks"][0]["name"], "east");
+    assert_eq!(v["accounts"][0]["name"], "acme");
+    assert_eq!(v["trunks"][0]["usage"]["period_secs"], 3600);
+    assert_eq!(
+        v["trunks"][0]["usage"]["asr"],
+        Value::Null,
+        "no call ended yet"
+    );
+    assert_eq!(v["thresholds"]["acd_above_secs"], 30);
+}
