@@ -626,6 +626,44 @@ impl<'t> Validator<'t> {
         })
     }
 
+    /// A secret given inline (`key`) or by environment variable (`key_env`), at least 16
+    /// characters; its value never appears in an error.
+    fn secret(
+        &mut self,
+        key: &str,
+        value: Option<&Spanned<String>>,
+        env: Option<&Spanned<String>>,
+    ) -> Option<String> {
+        let secret = match (value, env) {
+            (Some(v), None) => Some(v.get_ref().clone()),
+            (None, Some(var)) => match std::env::var(var.get_ref()) {
+                Ok(v) if !v.is_empty() => Some(v),
+                _ => {
+                    self.err_at(var, format!("{key}_env"), "environment variable is not set");
+                    None
+                }
+            },
+            (None, None) => None,
+            (Some(v), Some(_)) => {
+                let leaf = key.rsplit('.').next().unwrap_or(key);
+                self.err(
+                    v.span(),
+                    key,
+                    "(hidden)",
+                    format!("give {leaf} or {leaf}_env, not both"),
+                );
+                None
+            }
+        };
+        if let Some(s) = &secret
+            && s.len() < 16
+        {
+            let span = value.or(env).map_or(0..0, |s| s.span());
+            self.err(span, key, "(hidden)", "must be at least 16 characters");
+        }
+        secret
+    }
+
     fn admin(&mut self, a: &raw::Admin) -> Admin {
         let address = match &a.address {
             None => SocketAddr::from(([127, 0, 0, 1], 9090)),
@@ -638,41 +676,7 @@ impl<'t> Validator<'t> {
                 SocketAddr::from(([127, 0, 0, 1], 9090))
             }),
         };
-        let token = match (&a.token, &a.token_env) {
-            (Some(t), None) => Some(t.get_ref().clone()),
-            (None, Some(var)) => match std::env::var(var.get_ref()) {
-                Ok(v) if !v.is_empty() => Some(v),
-                _ => {
-                    self.err_at(var, "admin.token_env", "environment variable is not set");
-                    None
-                }
-            },
-            (None, None) => None,
-            (Some(t), Some(_)) => {
-                self.err(
-                    t.span(),
-                    "admin.token",
-                    "(hidden)",
-                    "give token or token_env, not both",
-                );
-                None
-            }
-        };
-        if let Some(t) = &token
-            && t.len() < 16
-        {
-            let span = a
-                .token
-                .as_ref()
-                .or(a.token_env.as_ref())
-                .map_or(0..0, |s| s.span());
-            self.err(
-                span,
-                "admin.token",
-                "(hidden)",
-                "must be at least 16 characters",
-            );
-        }
+        let token = self.secret("admin.token", a.token.as_ref(), a.token_env.as_ref());
         Admin { address, token }
     }
 
@@ -1195,41 +1199,7 @@ impl<'t> Validator<'t> {
                 "required when unknown_sources is \"forward\" or \"limit\"",
             );
         }
-        let secret = match (&p.secret, &p.secret_env) {
-            (Some(s), None) => Some(s.get_ref().clone()),
-            (None, Some(var)) => match std::env::var(var.get_ref()) {
-                Ok(v) if !v.is_empty() => Some(v),
-                _ => {
-                    self.err_at(var, "proxy.secret_env", "environment variable is not set");
-                    None
-                }
-            },
-            (None, None) => None,
-            (Some(s), Some(_)) => {
-                self.err(
-                    s.span(),
-                    "proxy.secret",
-                    "(hidden)",
-                    "give secret or secret_env, not both",
-                );
-                None
-            }
-        };
-        if let Some(s) = &secret
-            && s.len() < 16
-        {
-            let span = p
-                .secret
-                .as_ref()
-                .or(p.secret_env.as_ref())
-                .map_or(0..0, |s| s.span());
-            self.err(
-                span,
-                "proxy.secret",
-                "(hidden)",
-                "must be at least 16 characters",
-            );
-        }
+        let secret = self.secret("proxy.secret", p.secret.as_ref(), p.secret_env.as_ref());
         let max_message_size = self.size(
             "proxy.max_message_size",
             p.max_message_size.as_ref(),
@@ -1497,6 +1467,26 @@ match = { sources = ["10.0.0.0/8"] }
             "{:?}",
             c.warnings
         );
+    }
+
+    #[test]
+    fn secrets_are_checked_and_never_echoed() {
+        let short = GOOD.replace("[[account]]", "[proxy]\nsecret = \"short\"\n\n[[account]]");
+        let e = Config::parse(&short, "t").unwrap_err().to_string();
+        assert!(
+            e.contains("proxy.secret = (hidden): must be at least 16 characters"),
+            "{e}"
+        );
+        assert!(!e.contains("short"), "{e}");
+        let both = format!("{GOOD}\n[admin]\ntoken = \"0123456789abcdef0\"\ntoken_env = \"X\"\n");
+        let e = Config::parse(&both, "t").unwrap_err().to_string();
+        assert!(
+            e.contains("admin.token = (hidden): give token or token_env, not both"),
+            "{e}"
+        );
+        let missing = format!("{GOOD}\n[admin]\ntoken_env = \"CPSGATE_TEST_UNSET_VARIABLE\"\n");
+        let e = Config::parse(&missing, "t").unwrap_err().to_string();
+        assert!(e.contains("admin.token_env"), "{e}");
     }
 
     #[test]
