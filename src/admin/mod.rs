@@ -138,6 +138,15 @@ impl IntoResponse for ApiError {
 }
 
 async fn rate_limit(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    // A declared body over the limit is refused before it is read (the body limit layer stops
+    // undeclared ones).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return error(StatusCode::BAD_REQUEST, "body", "must be at most 64 KiB");
+    }
     match s.limiter.try_acquire(Instant::now()) {
         Ok(()) => next.run(req).await,
         Err(wait) => {

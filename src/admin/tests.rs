@@ -176,8 +176,19 @@ async fn put_needs_the_token_and_valid_numbers() {
     .await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     let big = format!("{{\"rate\": 5, \"pad\": \"{}\"}}", "x".repeat(70_000));
-    let (code, _) = call(&s, "PUT", "/v1/accounts/acme", Some(TOKEN), &big).await;
-    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    let mut req = Request::builder()
+        .method("PUT")
+        .uri("/v1/accounts/acme")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-length", big.len());
+    req = req.header("content-type", "application/json");
+    let resp = router(s.clone())
+        .oneshot(req.body(Body::from(big)).expect("request"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&bytes).contains("\"field\":\"body\""));
 }
 
 #[tokio::test]

@@ -244,6 +244,7 @@ struct Shared {
     admitted: BoundedMap<Admitted>,
     dialogs: BoundedMap<Followed>,
     max_call_ns: u64,
+    cancels_answered: std::sync::atomic::AtomicU64,
 }
 
 /// The stateless proxy core, as seen through one configuration. A reload builds a new one (its
@@ -541,6 +542,7 @@ impl Proxy {
             admitted: BoundedMap::new(cfg.limits.decision_cache_size),
             dialogs: BoundedMap::new(cfg.usage.dialog_table_size),
             max_call_ns: cfg.usage.max_call_secs * 1_000_000_000,
+            cancels_answered: std::sync::atomic::AtomicU64::new(0),
         });
         let chain = Arc::new(Chain::new(&chain_spec(cfg), Epoch::new(start)));
         let core = Core::build(cfg, shared.clone(), chain)?;
@@ -596,6 +598,13 @@ impl Proxy {
     /// The admission chain of the current configuration.
     pub fn chain(&self) -> Arc<Chain> {
         self.core.load().chain.clone()
+    }
+
+    /// CANCELs of refused INVITEs answered here (never forwarded).
+    pub fn cancels_answered(&self) -> u64 {
+        self.shared
+            .cancels_answered
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Entries in the decision cache.
@@ -1161,6 +1170,9 @@ impl Core {
             return match cached {
                 // §9.2: the INVITE was already answered; the CANCEL has no effect but gets a 200.
                 Some(Verdict::Rejected(_)) => {
+                    self.shared
+                        .cancels_answered
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
                 }
                 Some(Verdict::Forwarded(res)) => {

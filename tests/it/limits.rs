@@ -97,6 +97,7 @@ async fn over_the_limit_retransmission_ack_and_cancel() {
         .replacen("INVITE sip:", "CANCEL sip:", 1)
         .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
     let ok = answered(offer(&pbx, &carrier, &gate, &cancel).await);
+    assert_eq!(gate.proxy.cancels_answered(), 1);
     assert!(
         ok.starts_with("SIP/2.0 200 OK\r\n") && ok.contains("CSeq: 1 CANCEL"),
         "{ok}"
