@@ -72,6 +72,7 @@ fn bench(c: &mut Criterion) {
         username: Some(limit),
         global: Some(limit),
         table_cap: 1_000_000,
+        usage_period: 3600,
     };
     let chain = Chain::new(&spec, Epoch::new(t0));
     let ask = Ask {

@@ -103,6 +103,8 @@ pub struct ChainSpec {
     pub global: Option<Limit>,
     /// Cap of the per-source and per-username tables each.
     pub table_cap: usize,
+    /// Seconds of per-second admission history each trunk and account keeps.
+    pub usage_period: u64,
 }
 
 /// A named bucket with its counters.
@@ -145,7 +147,7 @@ impl Chain {
                 .map(|(n, l)| Keyed {
                     name: n.clone(),
                     bucket: Arc::new(Gcra::new(*l, epoch)),
-                    stats: Arc::default(),
+                    stats: Arc::new(KeyStats::new(spec.usage_period)),
                 })
                 .collect()
         };
@@ -178,7 +180,7 @@ impl Chain {
                     None => Keyed {
                         name: n.clone(),
                         bucket: Arc::new(Gcra::new(*l, self.epoch)),
-                        stats: Arc::default(),
+                        stats: Arc::new(KeyStats::new(spec.usage_period)),
                     },
                 })
                 .collect()

@@ -138,8 +138,19 @@ impl<V: Expiring> BoundedMap<V> {
 
     /// Remove every expired entry; returns how many went.
     pub fn sweep(&self, now: u64) -> usize {
+        self.sweep_with(now, |_| {})
+    }
+
+    /// Remove every expired entry, showing each to `gone` first; returns how many went.
+    pub fn sweep_with(&self, now: u64, gone: impl Fn(&V)) -> usize {
         let before = self.map.len();
-        self.map.retain(|_, v| v.expires() > now);
+        self.map.retain(|_, v| {
+            let keep = v.expires() > now;
+            if !keep {
+                gone(v);
+            }
+            keep
+        });
         let gone = before.saturating_sub(self.map.len());
         self.evicted.fetch_add(gone as u64, Ordering::Relaxed);
         gone

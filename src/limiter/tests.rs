@@ -29,6 +29,7 @@ fn spec(trunks: &[(&str, f64, u32)], pool: Option<(f64, u32)>) -> ChainSpec {
         username: None,
         global: None,
         table_cap: 1000,
+        usage_period: 60,
     }
 }
 

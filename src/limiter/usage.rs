@@ -4,19 +4,17 @@
 //! attempted), ACD (answer to BYE) and the share of calls of 12 s or less — compared with
 //! Twilio's thresholds for granting higher CPS (ACD > 30 s, ≤ 10 % short calls, ASR > 70 %).
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Stage;
 
-/// Seconds of admission history kept per key (one day).
-const HISTORY: usize = 86_400;
+/// Bits of a history slot that hold the count (the rest hold the second it belongs to).
+const COUNT_BITS: u32 = 24;
 /// Calls this short or shorter count as short (Twilio's measure).
 pub const SHORT_CALL_SECS: u64 = 12;
 
 /// Counters of one trunk or account, kept across reloads with its bucket.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KeyStats {
     admitted: AtomicU64,
     rejected: [AtomicU64; Stage::ALL.len()],
@@ -24,13 +22,21 @@ pub struct KeyStats {
     second: AtomicU64,
     this_second: AtomicU64,
     last_second: AtomicU64,
-    /// (second, admitted) of past seconds that admitted anything, oldest first.
-    history: Mutex<VecDeque<(u64, u32)>>,
+    /// One slot per second of the usage period (`second % period`), each holding the second
+    /// it belongs to and its admissions: no lock, bounded by the period.
+    history: Box<[AtomicU64]>,
     answered: AtomicU64,
     failed: AtomicU64,
     completed: AtomicU64,
     short: AtomicU64,
-    talk_ns: AtomicU64,
+    /// Talk time in milliseconds (nanoseconds would wrap within weeks on a busy account).
+    talk_ms: AtomicU64,
+}
+
+impl Default for KeyStats {
+    fn default() -> Self {
+        Self::new(3600)
+    }
 }
 
 /// A key's traffic profile.
@@ -62,25 +68,46 @@ pub struct Usage {
 }
 
 impl KeyStats {
+    /// Counters keeping `period_secs` seconds of admission history.
+    pub fn new(period_secs: u64) -> Self {
+        Self {
+            admitted: AtomicU64::new(0),
+            rejected: Default::default(),
+            second: AtomicU64::new(0),
+            this_second: AtomicU64::new(0),
+            last_second: AtomicU64::new(0),
+            history: (0..period_secs.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            answered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            short: AtomicU64::new(0),
+            talk_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Move to `second` if it is later than the current one (arrival instants of different
+    /// workers are not ordered: an earlier one counts in the current second, never backwards).
     fn roll(&self, second: u64) {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        let seen = self.second.load(Acquire);
-        if seen != second
-            && self
+        let mut seen = self.second.load(Acquire);
+        while second > seen {
+            match self
                 .second
-                .compare_exchange(seen, second, AcqRel, Acquire)
-                .is_ok()
-        {
-            let n = self.this_second.swap(0, AcqRel);
-            // A gap of more than a second means the last full second had nothing.
-            self.last_second
-                .store(if second == seen + 1 { n } else { 0 }, Ordering::Release);
-            if n > 0 {
-                let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-                if h.len() >= HISTORY {
-                    h.pop_front();
+                .compare_exchange_weak(seen, second, AcqRel, Acquire)
+            {
+                Ok(_) => {
+                    let n = self.this_second.swap(0, AcqRel);
+                    // A gap of more than a second means the last full second had nothing.
+                    self.last_second
+                        .store(if second == seen + 1 { n } else { 0 }, Ordering::Release);
+                    let slot = &self.history[(seen % self.history.len() as u64) as usize];
+                    slot.store(
+                        (seen << COUNT_BITS) | n.min((1 << COUNT_BITS) - 1),
+                        Ordering::Release,
+                    );
+                    return;
                 }
-                h.push_back((seen, u32::try_from(n).unwrap_or(u32::MAX)));
+                Err(actual) => seen = actual,
             }
         }
     }
@@ -110,7 +137,8 @@ impl KeyStats {
     /// An answered call ended (BYE) after `talk_ns`.
     pub fn completed(&self, talk_ns: u64) {
         self.completed.fetch_add(1, Ordering::Relaxed);
-        self.talk_ns.fetch_add(talk_ns, Ordering::Relaxed);
+        self.talk_ms
+            .fetch_add(talk_ns / 1_000_000, Ordering::Relaxed);
         if talk_ns <= SHORT_CALL_SECS * 1_000_000_000 {
             self.short.fetch_add(1, Ordering::Relaxed);
         }
@@ -132,18 +160,22 @@ impl KeyStats {
         self.last_second.load(Ordering::Acquire)
     }
 
-    /// The traffic profile over the `period_secs` whole seconds before `now_ns`.
-    pub fn usage(&self, now_ns: u64, period_secs: u64) -> Usage {
+    /// The traffic profile over the whole seconds of the history period before `now_ns`.
+    pub fn usage(&self, now_ns: u64) -> Usage {
         let now_s = now_ns / 1_000_000_000;
         self.roll(now_s);
-        let period = period_secs.max(1);
-        let mut counts: Vec<u32> = {
-            let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-            h.iter()
-                .filter(|(s, _)| *s < now_s && now_s - s <= period)
-                .map(|(_, n)| *n)
-                .collect()
-        };
+        let period = self.history.len() as u64;
+        let mut counts: Vec<u32> = self
+            .history
+            .iter()
+            .map(|slot| slot.load(Ordering::Acquire))
+            .filter(|v| {
+                let s = v >> COUNT_BITS;
+                *v != 0 && s < now_s && now_s - s <= period
+            })
+            .map(|v| (v & ((1 << COUNT_BITS) - 1)) as u32)
+            .filter(|n| *n > 0)
+            .collect();
         counts.sort_unstable();
         let peak = counts.last().copied().unwrap_or(0);
         // Rank of the 95th percentile among `period` seconds, the missing ones being zeros.
@@ -158,14 +190,14 @@ impl KeyStats {
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (answered, failed) = (load(&self.answered), load(&self.failed));
-        let (completed, short, talk) = (
+        let (completed, short, talk_ms) = (
             load(&self.completed),
             load(&self.short),
-            load(&self.talk_ns),
+            load(&self.talk_ms),
         );
         let ended = answered + failed;
         let asr = (ended > 0).then(|| answered as f64 / ended as f64);
-        let acd = (completed > 0).then(|| talk as f64 / 1e9 / completed as f64);
+        let acd = (completed > 0).then(|| talk_ms as f64 / 1e3 / completed as f64);
         let short_share = (completed > 0).then(|| short as f64 / completed as f64);
         Usage {
             period_secs: period,
@@ -191,7 +223,7 @@ mod tests {
 
     #[test]
     fn peak_and_95th_percentile_over_the_period() {
-        let k = KeyStats::default();
+        let k = KeyStats::new(100);
         // 100 seconds: 90 with 10 calls, 5 with 30, 5 with nothing.
         for sec in 0..100u64 {
             let n = match sec {
@@ -203,12 +235,21 @@ mod tests {
                 k.admitted_at(sec * S + i * 1000);
             }
         }
-        let u = k.usage(100 * S, 100);
+        let u = k.usage(100 * S);
         assert_eq!(u.peak_cps, 30);
         // Sorted: 5 zeros, 90 tens, 5 thirties; the 95th of 100 is a ten.
         assert_eq!(u.p95_cps, 10);
-        let u = k.usage(100 * S, 10);
-        assert_eq!((u.peak_cps, u.p95_cps), (30, 30));
+        // 150 s later the period holds nothing.
+        assert_eq!(k.usage(250 * S).peak_cps, 0);
+    }
+
+    #[test]
+    fn a_late_arrival_never_moves_the_second_backwards() {
+        let k = KeyStats::new(10);
+        k.admitted_at(5 * S);
+        k.admitted_at(6 * S);
+        k.admitted_at(5 * S + 999_999_999); // stamped earlier, counted now
+        assert_eq!(k.cps(7 * S), 2);
     }
 
     #[test]
@@ -223,7 +264,7 @@ mod tests {
         for secs in [5, 8, 40, 40, 40, 40, 37] {
             k.completed(secs * S);
         }
-        let u = k.usage(0, 60);
+        let u = k.usage(0);
         assert_eq!(u.asr, Some(0.7));
         assert!((u.acd_secs.expect("acd") - 30.0).abs() < 1e-9);
         assert_eq!(u.short_call_share, Some(2.0 / 7.0));

@@ -265,7 +265,6 @@ struct Core {
     trunk_names: Vec<Arc<str>>,
     upstream_names: Vec<Arc<str>>,
     digest: String,
-    usage_period: u64,
     account_names: Vec<Arc<str>>,
 }
 
@@ -381,7 +380,10 @@ impl Expiring for Admitted {
 /// An admitted call followed until it ends, for ASR and ACD.
 #[derive(Debug)]
 struct Followed {
-    expires: u64,
+    /// Until answered: the arrival plus Timer C (RFC 3261 §16.6 step 11, 3 minutes); once
+    /// answered: the arrival plus `usage.max_call_secs`.
+    expires: std::sync::atomic::AtomicU64,
+    arrived: u64,
     /// Nanoseconds since the epoch + 1 when answered; 0 before.
     answered_at: std::sync::atomic::AtomicU64,
     trunk: Arc<crate::limiter::KeyStats>,
@@ -399,9 +401,12 @@ impl Followed {
 
 impl Expiring for Followed {
     fn expires(&self) -> u64 {
-        self.expires
+        self.expires.load(std::sync::atomic::Ordering::Acquire)
     }
 }
+
+/// RFC 3261 Timer C: a proxy gives up on an INVITE with no final answer after 3 minutes.
+const TIMER_C: Duration = Duration::from_secs(180);
 
 /// How long a decision is remembered: 64·T1 (RFC 3261 §17.1.1.2 Timer B).
 const DECISION_TTL: Duration = Duration::from_secs(32);
@@ -623,7 +628,13 @@ impl Proxy {
         }
         self.shared.decisions.sweep(ns);
         self.shared.admitted.sweep(ns);
-        self.shared.dialogs.sweep(ns);
+        // A followed call that reached Timer C without a final answer failed (a carrier that
+        // never answers must not leave ASR at 100 %).
+        self.shared.dialogs.sweep_with(ns, |d| {
+            if d.answered_at.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                d.each(|s| s.failed());
+            }
+        });
         self.table_sizes()
     }
 
@@ -660,7 +671,7 @@ impl Proxy {
             available: k.bucket.available(now),
             cps: k.stats.cps(ns),
             admitted: k.stats.admitted(),
-            usage: k.stats.usage(ns, core.usage_period),
+            usage: k.stats.usage(ns),
             rejected: Stage::ALL
                 .iter()
                 .map(|s| (s.as_str(), k.stats.rejected(*s)))
@@ -782,7 +793,6 @@ impl Core {
                 .map(|u| Arc::from(u.name.as_str()))
                 .collect(),
             digest: cfg.digest.clone(),
-            usage_period: cfg.usage.period_secs,
             trunk_names: cfg
                 .trunks
                 .iter()
@@ -847,9 +857,6 @@ impl Core {
             Err(e) => return self.refuse_raw(inb, 400, &format!("Bad Request ({e})")),
         };
         let via_edits = received_edits(&req.top_via, inb.source);
-        if req.method == Method::Bye {
-            self.follow_bye(now, msg);
-        }
         let ruri = match self.validate(msg, &req) {
             Ok(u) => u,
             // §17.2.1: an ACK is never answered.
@@ -898,6 +905,10 @@ impl Core {
             Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
             Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
         };
+        // A BYE that will be forwarded ends a followed call (ACD).
+        if req.method == Method::Bye {
+            self.follow_bye(now, msg);
+        }
         // Admission: initial INVITEs only; the decision cache answers retransmissions, and sends
         // a CANCEL and the ACK of a failed INVITE where the INVITE went.
         let initial_invite = req.method == Method::Invite && req.to_tag(buf).is_none();
@@ -1265,12 +1276,18 @@ impl Core {
                 counters(&|s| s.admitted_at(now_ns));
                 // Follow the call for ASR and ACD (a bounded table; calls that never end are
                 // forgotten after usage.max_call_secs).
-                if let First::Trunk(t) = ask.first {
+                // (Without Record-Route the BYE never passes: nothing to follow.)
+                if let First::Trunk(t) = ask.first
+                    && self.record_route
+                {
                     self.shared.dialogs.insert(
                         self.dialog_key(msg),
                         now_ns,
                         Followed {
-                            expires: now_ns.saturating_add(self.shared.max_call_ns),
+                            expires: std::sync::atomic::AtomicU64::new(
+                                now_ns.saturating_add(TIMER_C.as_nanos() as u64),
+                            ),
+                            arrived: now_ns,
                             answered_at: std::sync::atomic::AtomicU64::new(0),
                             trunk: self.chain.trunks()[t].stats.clone(),
                             account: ask.account.map(|a| self.chain.accounts()[a].stats.clone()),
@@ -1438,20 +1455,24 @@ impl Core {
         let ns = self.chain.epoch().ns(now);
         let key = self.dialog_key(msg);
         let ended = self.shared.dialogs.get(key, ns, |d| {
-            use std::sync::atomic::Ordering::AcqRel;
+            use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+            let answered = d.answered_at.load(Acquire) != 0;
             if code < 300 {
                 // The first 2xx answers the call; retransmitted 2xx change nothing.
                 if d.answered_at
-                    .compare_exchange(0, ns + 1, AcqRel, std::sync::atomic::Ordering::Acquire)
+                    .compare_exchange(0, ns + 1, AcqRel, Acquire)
                     .is_ok()
                 {
                     d.each(|s| s.answered());
+                    let until = d.arrived.saturating_add(self.shared.max_call_ns);
+                    d.expires.store(until, Release);
                 }
                 false
+            } else if answered {
+                // A failed re-INVITE (491, or 488 on a refresh) does not end an answered call.
+                false
             } else {
-                if d.answered_at.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                    d.each(|s| s.failed());
-                }
+                d.each(|s| s.failed());
                 true
             }
         });
@@ -1612,7 +1633,6 @@ impl Core {
 
     /// RFC 3261 §16.7 / §16.11 response handling.
     fn route_response(&self, now: Instant, msg: &Message<'_>) -> Action {
-        self.follow_response(now, msg);
         let buf = msg.buf();
         if msg.defect().is_some() {
             return Action::Drop(DropReason::BadResponse);
@@ -1640,6 +1660,8 @@ impl Core {
         {
             return Action::Drop(DropReason::ForeignVia);
         }
+        // Only a response that passed the checks above counts toward ASR and ACD.
+        self.follow_response(now, msg);
         let listener = top
             .param(buf, b"ln")
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
@@ -1948,6 +1970,7 @@ pub fn chain_spec(cfg: &Config) -> ChainSpec {
         username: cfg.limits.username,
         global: cfg.limits.global,
         table_cap: cfg.limits.table_size,
+        usage_period: cfg.usage.period_secs,
     }
 }
 

@@ -1476,4 +1476,29 @@ fn usage_follows_answers_failures_and_byes() {
     assert_eq!(u.short_call_share, Some(2.0 / 7.0));
     assert_eq!(u.peak_cps, 1);
     assert_eq!(p.table_sizes().dialogs.0, 0, "every followed call ended");
+    // A call that never gets a final answer fails at Timer C (3 minutes).
+    let _ = forwarded(at(&p, &call(10), PBX, s(20)));
+    p.sweep(s(20 + 179));
+    assert_eq!(p.snapshot(s(200)).trunks[0].limits.usage.failed, 3);
+    p.sweep(s(20 + 181));
+    assert_eq!(p.snapshot(s(202)).trunks[0].limits.usage.failed, 4);
+    // A failed re-INVITE does not end an answered call: its BYE still counts.
+    let (_, fwd) = forwarded(at(&p, &call(11), PBX, s(300)));
+    let _ = at(&p, &response_to(&fwd, 200), CARRIER, s(301));
+    let _ = at(&p, &response_to(&fwd, 491), CARRIER, s(320));
+    let bye = req("BYE", "Route: <sip:192.0.2.10:5060;lr>\r\n")
+        .replace(
+            "BYE sip:+15551234567@carrier.example",
+            "BYE sip:c@192.0.2.80",
+        )
+        .replace("cid-1", "cid-11")
+        .replace("z9hG4bKabc", "z9hG4bKbye11")
+        .replace("carrier.example>\r\nCall", "carrier.example>;tag=t\r\nCall");
+    let _ = at(&p, &marked(&p, &bye), PBX, s(361));
+    let u = p.snapshot(s(400)).trunks[0].limits.usage;
+    assert_eq!((u.answered, u.failed), (8, 4));
+    assert!(
+        (u.acd_secs.expect("acd") - 270.0 / 8.0).abs() < 1e-6,
+        "{u:?}"
+    );
 }
