@@ -113,6 +113,16 @@ pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
     );
     o.sample("cpsgate_acks_absorbed_total", &[], load(&stats.absorbed));
     o.family(
+        "cpsgate_cancels_answered_total",
+        "counter",
+        "CANCELs of refused INVITEs answered 200 here, never forwarded.",
+    );
+    o.sample(
+        "cpsgate_cancels_answered_total",
+        &[],
+        proxy.cancels_answered(),
+    );
+    o.family(
         "cpsgate_retransmissions_absorbed_total",
         "counter",
         "Retransmitted refused INVITEs answered from the decision cache, uncharged.",
@@ -200,59 +210,109 @@ pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
     for a in &snap.accounts {
         o.sample("cpsgate_account_cps", &[("account", &a.name)], a.cps);
     }
-    o.family(
-        "cpsgate_limit_rate",
-        "gauge",
-        "Configured (or runtime-set) rate, calls per second.",
-    );
-    o.family(
-        "cpsgate_limit_burst",
-        "gauge",
-        "Configured (or runtime-set) burst, calls.",
-    );
-    for (kind, k) in snap
+    let keys: Vec<(&str, &crate::proxy::KeyView)> = snap
         .trunks
         .iter()
         .map(|t| ("trunk", &t.limits))
         .chain(snap.accounts.iter().map(|a| ("account", a)))
-    {
-        o.sample(
+        .collect();
+    // Each family's samples stay together, as the exposition format requires.
+    type Get = fn(&crate::proxy::KeyView) -> Option<f64>;
+    let per_key: [(&str, &str, &str, Get); 9] = [
+        (
             "cpsgate_limit_rate",
-            &[("kind", kind), ("name", &k.name)],
-            k.rate,
-        );
-        o.sample(
+            "gauge",
+            "Configured (or runtime-set) rate, calls per second.",
+            |k| Some(k.rate),
+        ),
+        (
             "cpsgate_limit_burst",
-            &[("kind", kind), ("name", &k.name)],
-            k.burst,
-        );
+            "gauge",
+            "Configured (or runtime-set) burst, calls.",
+            |k| Some(f64::from(k.burst)),
+        ),
+        (
+            "cpsgate_peak_cps",
+            "gauge",
+            "Most calls admitted in one second of the usage period.",
+            |k| Some(f64::from(k.usage.peak_cps)),
+        ),
+        (
+            "cpsgate_p95_cps",
+            "gauge",
+            "95th percentile of per-second admissions over the usage period (Telnyx's surcharge measure).",
+            |k| Some(f64::from(k.usage.p95_cps)),
+        ),
+        (
+            "cpsgate_calls_answered_total",
+            "counter",
+            "Admitted calls answered.",
+            |k| Some(k.usage.answered as f64),
+        ),
+        (
+            "cpsgate_calls_failed_total",
+            "counter",
+            "Admitted calls that ended unanswered (or reached Timer C).",
+            |k| Some(k.usage.failed as f64),
+        ),
+        (
+            "cpsgate_asr",
+            "gauge",
+            "Answered / attempted admitted calls.",
+            |k| k.usage.asr,
+        ),
+        (
+            "cpsgate_acd_seconds",
+            "gauge",
+            "Mean answer-to-BYE duration of completed calls.",
+            |k| k.usage.acd_secs,
+        ),
+        (
+            "cpsgate_short_call_share",
+            "gauge",
+            "Share of completed calls of 12 s or less.",
+            |k| k.usage.short_call_share,
+        ),
+    ];
+    for (family, kind, help, get) in per_key {
+        o.family(family, kind, help);
+        for (label_kind, k) in &keys {
+            if let Some(v) = get(k) {
+                o.sample(family, &[("kind", label_kind), ("name", &k.name)], v);
+            }
+        }
     }
-    o.family(
-        "cpsgate_table_entries",
-        "gauge",
-        "Entries in a bounded table.",
-    );
-    o.family(
-        "cpsgate_table_capacity",
-        "gauge",
-        "Hard cap of a bounded table.",
-    );
-    o.family(
-        "cpsgate_table_evictions_total",
-        "counter",
-        "Entries forgotten (refilled, expired, or over the cap).",
-    );
     let mut tables = vec![
         ("sources", snap.tables.sources),
         ("decisions", snap.tables.decisions),
+        ("dialogs", snap.tables.dialogs),
     ];
     if let Some(u) = snap.tables.usernames {
         tables.push(("usernames", u));
     }
-    for (name, (len, cap, evicted)) in tables {
-        o.sample("cpsgate_table_entries", &[("table", name)], len);
-        o.sample("cpsgate_table_capacity", &[("table", name)], cap);
-        o.sample("cpsgate_table_evictions_total", &[("table", name)], evicted);
+    let table_families = [
+        (
+            "cpsgate_table_entries",
+            "gauge",
+            "Entries in a bounded table.",
+        ),
+        (
+            "cpsgate_table_capacity",
+            "gauge",
+            "Hard cap of a bounded table.",
+        ),
+        (
+            "cpsgate_table_evictions_total",
+            "counter",
+            "Entries forgotten (refilled, expired, or over the cap).",
+        ),
+    ];
+    for (i, (family, kind, help)) in table_families.iter().enumerate() {
+        o.family(family, kind, help);
+        for (name, (len, cap, evicted)) in &tables {
+            let v = [*len as u64, *cap as u64, *evicted][i];
+            o.sample(family, &[("table", name)], v);
+        }
     }
     o.family(
         "cpsgate_decision_seconds",

@@ -73,10 +73,13 @@ impl AdminState {
 
 /// The API's routes.
 pub fn router(state: Arc<AdminState>) -> Router {
-    Router::new()
+    // Probes and scrapes are not rate limited: a busy API must not fail a liveness check.
+    let probes = Router::new()
         .route("/live", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
+        .with_state(state.clone());
+    Router::new()
         .route("/v1/status", get(status))
         .route("/v1/trunks", get(trunks))
         .route("/v1/accounts", get(accounts))
@@ -87,6 +90,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .with_state(state)
+        .merge(probes)
 }
 
 /// Serve until `cancel`.
@@ -177,9 +181,11 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
             "changes are disabled: no [admin] token configured",
         ));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| {
+        let v = v.as_bytes();
+        (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+    });
     match given {
         Some(g) if same(g, token.as_bytes()) => Ok(()),
         _ => Err(ApiError::new(

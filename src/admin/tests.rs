@@ -229,7 +229,7 @@ async fn the_api_has_its_own_rate_limit() {
         let r = router(s.clone())
             .oneshot(
                 Request::builder()
-                    .uri("/live")
+                    .uri("/v1/status")
                     .body(Body::empty())
                     .expect("request"),
             )
@@ -243,6 +243,29 @@ async fn the_api_has_its_own_rate_limit() {
     let (i, retry) = limited.expect("429 after the burst");
     assert!((150..=170).contains(&i), "limited after {i} requests");
     assert_eq!(retry.expect("Retry-After"), "1");
+    // Probes stay answered while the API is limited.
+    assert_eq!(call(&s, "GET", "/live", None, "").await.0, StatusCode::OK);
+    assert_eq!(
+        call(&s, "GET", "/metrics", None, "").await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let s = state(Some(TOKEN), None);
+    let resp = router(s.clone())
+        .oneshot(
+            Request::builder()
+                .method("PUT")
+                .uri("/v1/trunks/east")
+                .header("authorization", format!("bearer {TOKEN}"))
+                .body(Body::from(r#"{"rate": 5}"#))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
 }
 
 /// Every metric the shipped Grafana dashboard queries exists in `/metrics`.
