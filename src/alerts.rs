@@ -216,19 +216,25 @@ async fn monitor(
     }
 }
 
-/// (rate, burst, last second's CPS) of a key, for the event.
+/// (rate, burst, last second's admissions) of a key, for the event, looked up directly (no
+/// full snapshot).
 fn limit_of(proxy: &Proxy, stage: Stage, key: &str) -> (f64, u32, u64) {
-    let snap = proxy.snapshot(Instant::now());
-    let found = match stage {
-        Stage::Trunk => snap
-            .trunks
-            .into_iter()
-            .map(|t| t.limits)
-            .find(|k| k.name == key),
-        Stage::Account => snap.accounts.into_iter().find(|k| k.name == key),
+    let chain = proxy.chain();
+    let now = chain.epoch().ns(Instant::now());
+    let keyed = match stage {
+        Stage::Trunk => chain.trunks().iter().find(|k| k.name == key),
+        Stage::Account => chain.accounts().iter().find(|k| k.name == key),
+        Stage::Global => {
+            return chain
+                .global()
+                .map_or((0.0, 0, 0), |g| (g.limit().rate, g.limit().burst, 0));
+        }
         _ => None,
     };
-    found.map_or((0.0, 0, 0), |k| (k.rate, k.burst, k.cps))
+    keyed.map_or((0.0, 0, 0), |k| {
+        let l = k.bucket.limit();
+        (l.rate, l.burst, k.stats.cps(now))
+    })
 }
 
 async fn deliver(
@@ -266,7 +272,8 @@ async fn deliver(
             delivered.fetch_add(1, Ordering::Relaxed);
         } else {
             failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(webhook = %cfg.url, "alert not delivered after retries");
+            // The URL may carry a secret: name only where it points.
+            tracing::warn!(host = %cfg.host, port = cfg.port, "alert not delivered after retries");
         }
     }
 }
@@ -275,9 +282,10 @@ async fn deliver(
 async fn post_json(cfg: &AlertSettings, body: &str) -> std::io::Result<bool> {
     let mut s = tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
     let req = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: cpsgate\r\n\r\n{body}",
+        "POST {} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: cpsgate\r\n\r\n{body}",
         cfg.path,
         cfg.host,
+        cfg.port,
         body.len()
     );
     s.write_all(req.as_bytes()).await?;

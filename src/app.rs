@@ -249,6 +249,9 @@ impl Gate {
             "draining: new calls get 503, existing calls are still relayed"
         );
         self.proxy.start_draining();
+        // Load balancers stop sending new calls here.
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Release);
         accept_stop.cancel();
         tokio::time::sleep(self.grace).await;
         self.cancel.cancel();
@@ -345,7 +348,14 @@ async fn watch_config(
                 "file changed"
             }
         };
-        let _ = reload(&path, &proxy, &stats, &listeners, why);
+        // Reading the file and resolving names block: off the async workers.
+        let (p, px, st, ls) = (
+            path.clone(),
+            proxy.clone(),
+            stats.clone(),
+            listeners.clone(),
+        );
+        let _ = tokio::task::spawn_blocking(move || reload(&p, &px, &st, &ls, why)).await;
     }
 }
 
@@ -393,6 +403,10 @@ fn apply(
     if cfg.listeners != listeners {
         tracing::warn!("[[listen]] changes take effect at the next start only");
     }
+    // These are read once at start; a reload applies everything else.
+    tracing::debug!(
+        "[admin], [alerts], proxy.secret, limits.table_size, limits.decision_cache_size and [usage] take effect at the next start"
+    );
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");
     }

@@ -682,13 +682,18 @@ impl<'t> Validator<'t> {
 
     fn alerts(&mut self, a: &raw::Alerts) -> Option<AlertSettings> {
         let url = a.webhook.get_ref().clone();
-        let parsed = url.strip_prefix("http://").and_then(|rest| {
-            let (hostport, path) = rest
-                .split_once('/')
-                .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
-            let (host, port) = split_host_port(hostport)?;
-            Some((host, port.unwrap_or(80), path))
-        });
+        // Nothing that could split the request line or a header.
+        let clean = url.bytes().all(|b| b.is_ascii_graphic());
+        let parsed = url
+            .strip_prefix("http://")
+            .filter(|_| clean)
+            .and_then(|rest| {
+                let (hostport, path) = rest
+                    .split_once('/')
+                    .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+                let (host, port) = split_host_port(hostport)?;
+                Some((host, port.unwrap_or(80), path))
+            });
         let debounce = self.size(
             "alerts.debounce_secs",
             a.debounce_secs.as_ref(),
@@ -1487,6 +1492,26 @@ match = { sources = ["10.0.0.0/8"] }
         let missing = format!("{GOOD}\n[admin]\ntoken_env = \"CPSGATE_TEST_UNSET_VARIABLE\"\n");
         let e = Config::parse(&missing, "t").unwrap_err().to_string();
         assert!(e.contains("admin.token_env"), "{e}");
+    }
+
+    #[test]
+    fn alert_webhooks_are_plain_http_urls_without_spaces() {
+        let with = |url: &str| format!("{GOOD}\n[alerts]\nwebhook = \"{url}\"\n");
+        let ok = Config::parse(&with("http://127.0.0.1:8088/hook?x=1"), "t").unwrap();
+        let a = ok.alerts.expect("alerts");
+        assert_eq!(
+            (a.host.as_str(), a.port, a.path.as_str()),
+            ("127.0.0.1", 8088, "/hook?x=1")
+        );
+        for bad in [
+            "https://example.com/x",
+            "http://h/a b",
+            "http://h/a\\r\\nX: y",
+            "ftp://h",
+        ] {
+            let e = Config::parse(&with(bad), "t").unwrap_err();
+            assert_eq!(e.errors[0].key, "alerts.webhook", "{bad}");
+        }
     }
 
     #[test]

@@ -134,3 +134,30 @@ async fn an_invalid_reload_leaves_the_old_config_serving() {
     let _ = std::fs::remove_file(&path);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn ready_turns_false_when_the_drain_starts() {
+    let pbx = UdpPeer::bind().await;
+    let carrier = UdpPeer::bind().await;
+    let cfg = admin_config(pbx.addr, carrier.addr)
+        .replace("shutdown_grace_secs = 0", "shutdown_grace_secs = 2");
+    let mut gate = TestGate::start(&cfg).await;
+    let admin = gate.admin.expect("admin listener");
+    assert_eq!(http(admin, "GET", "/ready", None, "").await.0, 200);
+    gate.begin_stop();
+    let mut code = 200;
+    for _ in 0..200 {
+        code = http(admin, "GET", "/ready", None, "").await.0;
+        if code == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(code, 503, "not ready while draining");
+    assert_eq!(
+        http(admin, "GET", "/live", None, "").await.0,
+        200,
+        "still alive"
+    );
+    gate.stop().await;
+}
