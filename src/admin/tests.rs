@@ -283,8 +283,12 @@ async fn the_dashboard_queries_only_metrics_we_export() {
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| w.starts_with("cpsgate_"))
             {
+                let family = name
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_sum")
+                    .trim_end_matches("_count");
                 assert!(
-                    text.contains(&format!("\n{name}")) || text.starts_with(name),
+                    text.contains(&format!("# TYPE {family} ")),
                     "{name} is not exported"
                 );
                 checked += 1;
