@@ -214,12 +214,13 @@ impl Gate {
                     Arc::new(move || reload(&path, &proxy, &stats, &listeners, "admin API"));
                 f
             });
-            let state = crate::admin::AdminState::new(
+            let state = crate::admin::AdminState::with_alerts(
                 self.proxy.clone(),
                 self.stats.clone(),
                 token,
                 self.ready.clone(),
                 reloader,
+                self.alerts.clone(),
             );
             self.tracker
                 .spawn(crate::admin::serve(listener, state, self.cancel.clone()));

@@ -367,3 +367,25 @@ pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
     o.sample("cpsgate_draining", &[], u8::from(snap.draining));
     o.0
 }
+
+/// The alert webhook's counters.
+pub fn render_alerts(out: &mut String, a: &crate::alerts::Alerts) {
+    let mut o = Out(std::mem::take(out));
+    o.family(
+        "cpsgate_alerts_total",
+        "counter",
+        "Alert events, by result (delivered, failed after retries, dropped from a full queue).",
+    );
+    for (result, n) in [
+        ("delivered", &a.delivered),
+        ("failed", &a.failed),
+        ("dropped", &a.dropped),
+    ] {
+        o.sample(
+            "cpsgate_alerts_total",
+            &[("result", result)],
+            n.load(Ordering::Relaxed),
+        );
+    }
+    *out = o.0;
+}

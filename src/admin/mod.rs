@@ -47,6 +47,7 @@ pub struct AdminState {
     started: Instant,
     reloader: Option<Reloader>,
     limiter: Gcra,
+    alerts: Option<Arc<crate::alerts::Alerts>>,
 }
 
 impl AdminState {
@@ -58,6 +59,18 @@ impl AdminState {
         ready: Arc<AtomicBool>,
         reloader: Option<Reloader>,
     ) -> Arc<Self> {
+        Self::with_alerts(proxy, stats, token, ready, reloader, None)
+    }
+
+    /// [`AdminState::new`] with the alert handle, whose counters `/metrics` then exports.
+    pub fn with_alerts(
+        proxy: Arc<Proxy>,
+        stats: Arc<Stats>,
+        token: Option<String>,
+        ready: Arc<AtomicBool>,
+        reloader: Option<Reloader>,
+        alerts: Option<Arc<crate::alerts::Alerts>>,
+    ) -> Arc<Self> {
         let started = Instant::now();
         Arc::new(Self {
             proxy,
@@ -67,6 +80,7 @@ impl AdminState {
             started,
             reloader,
             limiter: Gcra::new(API_LIMIT, Epoch::new(started)),
+            alerts,
         })
     }
 }
@@ -205,7 +219,10 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics_text(State(s): State<Arc<AdminState>>) -> Response {
-    let body = metrics::render(&s.stats, &s.proxy, Instant::now());
+    let mut body = metrics::render(&s.stats, &s.proxy, Instant::now());
+    if let Some(a) = &s.alerts {
+        metrics::render_alerts(&mut body, a);
+    }
     (
         [(
             header::CONTENT_TYPE,

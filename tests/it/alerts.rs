@@ -18,7 +18,7 @@ fn alert_config(
         "rate = 1000\nburst = 1000\nmatch",
         "rate = 1\nburst = 1\nmatch",
     ) + &format!(
-        "\n[alerts]\nwebhook = \"http://{hook}/hook\"\ndebounce_secs = 1\ntimeout_ms = {timeout_ms}\nretries = 0\n"
+        "\n[alerts]\nwebhook = \"http://{hook}/hook\"\ndebounce_secs = 1\ntimeout_ms = {timeout_ms}\nretries = 0\n\n[admin]\naddress = \"127.0.0.1:0\"\n"
     )
 }
 
@@ -102,6 +102,11 @@ async fn the_webhook_hears_a_trunk_start_refusing_and_recover() {
     let end = next_event(&mut events).await;
     assert_eq!(end["event"], "recovered");
     assert_eq!(end["refused"], 2);
+    let (_, metrics) = http(gate.admin.expect("admin"), "GET", "/metrics", None, "").await;
+    assert!(
+        metrics.contains("cpsgate_alerts_total{result=\"delivered\"} "),
+        "{metrics}"
+    );
     gate.stop().await;
 }
 
