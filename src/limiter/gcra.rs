@@ -134,6 +134,36 @@ pub fn reserve(
     }
 }
 
+/// The earliest time (ns, not before `now`) at which a cell would conform.
+pub fn earliest(tat: &AtomicU64, p: &Params, now: u64) -> u64 {
+    let (_, tolerance) = p.get();
+    tat.load(Ordering::Acquire)
+        .saturating_sub(tolerance)
+        .max(now)
+}
+
+/// Take one cell at time `t` if it conforms then (a reservation for pacing: every stage of a
+/// chain takes its cell at the same instant).
+pub fn take_at(tat: &AtomicU64, p: &Params, t: u64) -> bool {
+    let (interval, tolerance) = p.get();
+    let mut cur = tat.load(Ordering::Acquire);
+    loop {
+        let base = cur.max(t);
+        if base - t > tolerance {
+            return false;
+        }
+        match tat.compare_exchange_weak(
+            cur,
+            base.saturating_add(interval),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return true,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
 /// Undo exactly one admitted cell (a later stage refused the call).
 pub fn refund(tat: &AtomicU64, p: &Params) {
     let (interval, _) = p.get();
@@ -180,6 +210,16 @@ impl Gcra {
     /// exceeded `max_wait`.
     pub fn reserve(&self, now: Instant, max_wait: Duration) -> Result<Duration, Duration> {
         reserve(&self.tat, &self.params, self.epoch.ns(now), max_wait)
+    }
+
+    /// The earliest time (ns since the epoch, not before `now`) at which a cell would conform.
+    pub fn earliest(&self, now: Instant) -> u64 {
+        earliest(&self.tat, &self.params, self.epoch.ns(now))
+    }
+
+    /// Take one cell at `t` (ns since the epoch) if it conforms then.
+    pub fn take_at(&self, t: u64) -> bool {
+        take_at(&self.tat, &self.params, t)
     }
 
     /// Change rate and burst in place, keeping the cells already used: the debt (TAT ahead of

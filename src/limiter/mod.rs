@@ -268,6 +268,121 @@ impl Chain {
         Ok(())
     }
 
+    /// Reserve, for a call that may wait up to `max_wait`, the earliest instant at which every
+    /// stage admits it, and take a cell at that instant in each (all or none). Returns the wait;
+    /// a refusal names the stage whose slot lies too far ahead.
+    pub fn reserve(
+        &self,
+        now: Instant,
+        ask: &Ask,
+        max_wait: Duration,
+    ) -> Result<Duration, Refused> {
+        let ns = self.epoch.ns(now);
+        let max = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
+        let user = ask.username.zip(self.usernames.as_ref());
+        let account = ask.account.map(|a| &self.accounts[a].bucket);
+        // A few rounds: another call may take a slot between the look and the take.
+        for _ in 0..8 {
+            let mut stages: Vec<(Stage, u64)> = vec![match ask.first {
+                First::Trunk(t) => (Stage::Trunk, self.trunks[t].bucket.earliest(now)),
+                First::Source(k) => (Stage::Source, self.sources.earliest(k, ns)),
+            }];
+            if let Some((k, table)) = user {
+                stages.push((Stage::Username, table.earliest(k, ns)));
+            }
+            if let Some(pool) = account {
+                stages.push((Stage::Account, pool.earliest(now)));
+            }
+            if let Some(g) = &self.global {
+                stages.push((Stage::Global, g.earliest(now)));
+            }
+            let (stage, at) = stages
+                .iter()
+                .copied()
+                .max_by_key(|(_, t)| *t)
+                .expect("at least the first stage");
+            if at - ns > max {
+                return Err(Refused {
+                    stage,
+                    retry_after: Duration::from_nanos(at - ns - max),
+                });
+            }
+            // Take every stage at the same instant; undo on a lost race and look again.
+            let mut taken: Vec<Stage> = Vec::with_capacity(stages.len());
+            let ok = stages.iter().all(|(s, _)| {
+                let got = match s {
+                    Stage::Trunk => match ask.first {
+                        First::Trunk(t) => self.trunks[t].bucket.take_at(at),
+                        First::Source(_) => false,
+                    },
+                    Stage::Source => match ask.first {
+                        First::Source(k) => self.sources.take_at(k, ns, at),
+                        First::Trunk(_) => false,
+                    },
+                    Stage::Username => user.is_some_and(|(k, table)| table.take_at(k, ns, at)),
+                    Stage::Account => account.is_some_and(|p| p.take_at(at)),
+                    Stage::Global => self.global.as_ref().is_some_and(|g| g.take_at(at)),
+                };
+                if got {
+                    taken.push(*s);
+                }
+                got
+            });
+            if ok {
+                return Ok(Duration::from_nanos(at - ns));
+            }
+            self.refund(ask, &taken);
+        }
+        Err(Refused {
+            stage: Stage::Trunk,
+            retry_after: Duration::from_millis(1),
+        })
+    }
+
+    /// Give back one cell in each of `stages` for `ask` (a reservation released or lost).
+    pub fn refund(&self, ask: &Ask, stages: &[Stage]) {
+        for s in stages {
+            match (s, ask.first) {
+                (Stage::Trunk, First::Trunk(t)) => self.trunks[t].bucket.refund(),
+                (Stage::Source, First::Source(k)) => self.sources.refund(k),
+                (Stage::Username, _) => {
+                    if let (Some(k), Some(t)) = (ask.username, &self.usernames) {
+                        t.refund(k);
+                    }
+                }
+                (Stage::Account, _) => {
+                    if let Some(a) = ask.account {
+                        self.accounts[a].bucket.refund();
+                    }
+                }
+                (Stage::Global, _) => {
+                    if let Some(g) = &self.global {
+                        g.refund();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The stages an `ask` goes through, in order.
+    pub fn stages_of(&self, ask: &Ask) -> Vec<Stage> {
+        let mut v = vec![match ask.first {
+            First::Trunk(_) => Stage::Trunk,
+            First::Source(_) => Stage::Source,
+        }];
+        if ask.username.is_some() && self.usernames.is_some() {
+            v.push(Stage::Username);
+        }
+        if ask.account.is_some() {
+            v.push(Stage::Account);
+        }
+        if self.global.is_some() {
+            v.push(Stage::Global);
+        }
+        v
+    }
+
     /// A trunk's bucket.
     pub fn trunk(&self, t: usize) -> &Gcra {
         &self.trunks[t].bucket

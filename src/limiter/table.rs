@@ -212,6 +212,26 @@ impl KeyedBuckets {
         )
     }
 
+    /// The earliest time (ns) at which `key` would conform.
+    pub fn earliest(&self, key: u64, now: u64) -> u64 {
+        self.buckets.with(
+            key,
+            now,
+            || AtomicU64::new(0),
+            |tat| gcra::earliest(tat, &self.params, now),
+        )
+    }
+
+    /// Take one cell of `key` at `t` if it conforms then.
+    pub fn take_at(&self, key: u64, now: u64, t: u64) -> bool {
+        self.buckets.with(
+            key,
+            now,
+            || AtomicU64::new(0),
+            |tat| gcra::take_at(tat, &self.params, t),
+        )
+    }
+
     /// Undo one admitted cell of `key`.
     pub fn refund(&self, key: u64) {
         let _ = self

@@ -203,3 +203,46 @@ fn reload_keeps_used_cells_and_starts_new_trunks_full() {
     assert_eq!(next.trunk(1).available(t0), 10);
     assert_eq!(next.trunk(0).available(t0), 5);
 }
+
+#[test]
+fn a_reservation_takes_the_same_instant_in_every_stage() {
+    let t0 = Instant::now();
+    // Trunk 10/s burst 1, pool 5/s burst 1: the pool binds.
+    let chain = Chain::new(&spec(&[("t", 10.0, 1)], Some((5.0, 1))), Epoch::new(t0));
+    let wait = |n: u32| {
+        (0..n)
+            .map(|_| {
+                chain
+                    .reserve(t0, &ask(0, true), Duration::from_secs(1))
+                    .map(|d| d.as_millis())
+            })
+            .collect::<Vec<_>>()
+    };
+    // Slots at 0, 200, 400, ... ms (the pool's spacing), never closer than the trunk allows.
+    assert_eq!(wait(5), [Ok(0), Ok(200), Ok(400), Ok(600), Ok(800)]);
+    // The sixth would wait 1 s: refused at the binding stage.
+    let r = chain
+        .reserve(t0, &ask(0, true), Duration::from_millis(999))
+        .expect_err("too far");
+    assert_eq!(r.stage, Stage::Account);
+}
+
+#[test]
+fn releasing_a_reservation_frees_a_slot() {
+    let t0 = Instant::now();
+    let chain = Chain::new(&spec(&[("t", 10.0, 1)], None), Epoch::new(t0));
+    let a = ask(0, false);
+    assert_eq!(
+        chain.reserve(t0, &a, Duration::from_secs(1)),
+        Ok(Duration::ZERO)
+    );
+    assert_eq!(
+        chain.reserve(t0, &a, Duration::from_secs(1)),
+        Ok(Duration::from_millis(100))
+    );
+    chain.refund(&a, &chain.stages_of(&a));
+    assert_eq!(
+        chain.reserve(t0, &a, Duration::from_secs(1)),
+        Ok(Duration::from_millis(100))
+    );
+}
