@@ -122,6 +122,8 @@ pub struct Stats {
     pub responses: [AtomicU64; 7],
     /// Time the core took per message.
     pub latency: Histogram,
+    /// INVITEs paced (queued for their slot).
+    pub queued: AtomicU64,
     /// Configuration reloads applied.
     pub reloads: AtomicU64,
     /// Configuration reloads refused (invalid file, unresolvable target).
@@ -264,6 +266,13 @@ impl Stats {
                         self.suppressed_logs.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+            }
+            Action::Queue(_) => {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Cancelled(..) => {
+                self.replies[2].fetch_add(1, Ordering::Relaxed);
+                self.replies[4].fetch_add(1, Ordering::Relaxed);
             }
             Action::Absorb => {
                 self.absorbed.fetch_add(1, Ordering::Relaxed);

@@ -263,6 +263,17 @@ pub struct Trunk {
     pub limit: Limit,
     /// How it is recognised.
     pub matcher: TrunkMatch,
+    /// `on_limit = "queue"`: pace calls over the limit instead of refusing them.
+    pub pacing: Option<Pacing>,
+}
+
+/// Pacing of a trunk (`on_limit = "queue"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    /// Longest a call may wait for its slot; beyond it the call is refused.
+    pub max_delay: std::time::Duration,
+    /// Most calls waiting at once; beyond it the call is refused.
+    pub max_queue: usize,
 }
 
 /// One problem in a configuration file.
@@ -1157,12 +1168,63 @@ impl<'t> Validator<'t> {
                 "must give at least one of sources, username, header",
             );
         }
+        let pacing = match t.on_limit.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("reject") => {
+                for (set, name) in [
+                    (t.max_delay.is_some(), "max_delay"),
+                    (t.max_queue.is_some(), "max_queue"),
+                ] {
+                    if set {
+                        self.err(
+                            t.name.span(),
+                            format!("{key}.{name}"),
+                            "",
+                            "only applies with on_limit = \"queue\"",
+                        );
+                    }
+                }
+                None
+            }
+            Some("queue") => {
+                let max_delay = match &t.max_delay {
+                    None => 5.0,
+                    Some(d) if (0.001..=300.0).contains(d.get_ref()) => *d.get_ref(),
+                    Some(d) => {
+                        self.err_at(
+                            d,
+                            format!("{key}.max_delay"),
+                            "must be seconds between 0.001 and 300",
+                        );
+                        5.0
+                    }
+                };
+                Some(Pacing {
+                    max_delay: std::time::Duration::from_secs_f64(max_delay),
+                    max_queue: self.size(
+                        &format!("{key}.max_queue"),
+                        t.max_queue.as_ref(),
+                        1000,
+                        1..=100_000,
+                    ),
+                })
+            }
+            Some(_) => {
+                let s = t.on_limit.as_ref().expect("matched Some");
+                self.err_at(
+                    s,
+                    format!("{key}.on_limit"),
+                    "must be \"reject\" or \"queue\"",
+                );
+                None
+            }
+        };
         Some(Trunk {
             name: t.name.get_ref().clone(),
             account,
             upstream: upstream?,
             limit: limit?,
             matcher,
+            pacing,
         })
     }
 

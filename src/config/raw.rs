@@ -102,6 +102,9 @@ pub struct Trunk {
     pub upstream: Spanned<String>,
     pub rate: Spanned<f64>,
     pub burst: Option<Spanned<i64>>,
+    pub on_limit: Option<Spanned<String>>,
+    pub max_delay: Option<Spanned<f64>>,
+    pub max_queue: Option<Spanned<i64>>,
     #[serde(rename = "match")]
     pub matcher: Spanned<Match>,
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use gcra::{Epoch, Gcra, Limit};
 pub use table::{BoundedMap, Expiring, KeyedBuckets};
-pub use usage::{KeyStats, Usage};
+pub use usage::{KeyStats, QUEUE_DELAY_BOUNDS_MS, Usage};
 
 /// A stage of the admission chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

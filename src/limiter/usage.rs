@@ -31,7 +31,15 @@ pub struct KeyStats {
     short: AtomicU64,
     /// Talk time in milliseconds (nanoseconds would wrap within weeks on a busy account).
     talk_ms: AtomicU64,
+    /// Calls waiting for their slot now (pacing), and ever queued.
+    waiting: AtomicU64,
+    queued: AtomicU64,
+    /// Waits of paced calls, by [`QUEUE_DELAY_BOUNDS_MS`] bucket (last: above them all).
+    queue_delay: [AtomicU64; QUEUE_DELAY_BOUNDS_MS.len() + 1],
 }
+
+/// Upper bounds (ms) of the pacing-delay histogram buckets.
+pub const QUEUE_DELAY_BOUNDS_MS: [u64; 9] = [10, 50, 100, 250, 500, 1_000, 2_000, 5_000, 30_000];
 
 impl Default for KeyStats {
     fn default() -> Self {
@@ -82,7 +90,50 @@ impl KeyStats {
             completed: AtomicU64::new(0),
             short: AtomicU64::new(0),
             talk_ms: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queue_delay: Default::default(),
         }
+    }
+
+    /// A call starts waiting for its slot.
+    pub fn queued(&self) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A waiting call left the queue (sent, cancelled or refused) after `waited_ns`; `sent`
+    /// says whether it went out (only those count in the delay histogram).
+    pub fn dequeued(&self, waited_ns: u64, sent: bool) {
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+        if sent {
+            let ms = waited_ns / 1_000_000;
+            let i = QUEUE_DELAY_BOUNDS_MS
+                .iter()
+                .position(|&b| ms <= b)
+                .unwrap_or(QUEUE_DELAY_BOUNDS_MS.len());
+            self.queue_delay[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls waiting now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Calls ever queued.
+    pub fn queued_total(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Per-bucket counts of the pacing delays (not cumulative; last is +Inf).
+    pub fn queue_delays(&self) -> Vec<u64> {
+        self.queue_delay
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Move to `second` if it is later than the current one (arrival instants of different

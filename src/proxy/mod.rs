@@ -94,10 +94,25 @@ pub enum Action {
     Reply(u16, Outbound),
     /// A call refused by a CPS limit, with its answer.
     Reject(Rejection, Outbound),
+    /// A call paced: send `trying` now, and at `at` ask [`Proxy::release`] for the INVITE.
+    Queue(QueuedCall),
+    /// A waiting call cancelled: the CANCEL's `200` and the INVITE's `487` (RFC 3261 §9.2).
+    Cancelled(Outbound, Outbound),
     /// Swallowed on purpose: the ACK for one of our own final responses (RFC 3261 §8.2.7, §17.2.1).
     Absorb,
     /// Not processed; count it.
     Drop(DropReason),
+}
+
+/// A paced INVITE the shell must release at its slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedCall {
+    /// Its key in the queue.
+    pub key: u64,
+    /// When its slot comes.
+    pub at: Instant,
+    /// The `100 Trying` to send at once (stops UDP retransmissions, lets the caller CANCEL).
+    pub trying: Outbound,
 }
 
 /// Why a message was dropped without an answer.
@@ -245,6 +260,7 @@ struct Shared {
     dialogs: BoundedMap<Followed>,
     max_call_ns: u64,
     cancels_answered: std::sync::atomic::AtomicU64,
+    queue: dashmap::DashMap<u64, Waiting>,
 }
 
 /// The stateless proxy core, as seen through one configuration. A reload builds a new one (its
@@ -284,6 +300,14 @@ struct Refusal {
     extra: Vec<(&'static str, String)>,
 }
 
+fn trying() -> Refusal {
+    Refusal {
+        code: 100,
+        reason: "Trying".into(),
+        extra: Vec::new(),
+    }
+}
+
 fn refuse(code: u16, reason: &'static str) -> Refusal {
     Refusal {
         code,
@@ -300,6 +324,10 @@ enum Verdict {
     Forwarded(CompactTarget),
     /// Refused at this stage: retransmissions get the same answer, the CANCEL a 200.
     Rejected(Stage),
+    /// Waiting for its slot (pacing): retransmissions get `100 Trying`, a CANCEL ends it.
+    Queued,
+    /// Cancelled while waiting: retransmissions get the `487` again, a CANCEL a 200.
+    Terminated,
 }
 
 /// A [`Resolved`] target in 22 bytes.
@@ -403,6 +431,26 @@ impl Expiring for Followed {
     fn expires(&self) -> u64 {
         self.expires.load(std::sync::atomic::Ordering::Acquire)
     }
+}
+
+/// A paced INVITE waiting for its slot.
+#[derive(Debug)]
+struct Waiting {
+    since: u64,
+    at: u64,
+    forward: Outbound,
+    /// The INVITE as received, for the 487 or 503 that may answer it instead.
+    invite: Bytes,
+    source: SocketAddr,
+    transport: Transport,
+    listener: usize,
+    conn: Option<ConnId>,
+    target: Resolved,
+    /// The chain it reserved in, and its stages, to give the slot back.
+    chain: Arc<Chain>,
+    ask: Ask,
+    trunk: Arc<crate::limiter::KeyStats>,
+    account: Option<Arc<crate::limiter::KeyStats>>,
 }
 
 /// RFC 3261 Timer C: a proxy gives up on an INVITE with no final answer after 3 minutes.
@@ -548,6 +596,7 @@ impl Proxy {
             dialogs: BoundedMap::new(cfg.usage.dialog_table_size),
             max_call_ns: cfg.usage.max_call_secs * 1_000_000_000,
             cancels_answered: std::sync::atomic::AtomicU64::new(0),
+            queue: dashmap::DashMap::new(),
         });
         let chain = Arc::new(Chain::new(&chain_spec(cfg), Epoch::new(start)));
         let core = Core::build(cfg, shared.clone(), chain)?;
@@ -603,6 +652,56 @@ impl Proxy {
     /// The admission chain of the current configuration.
     pub fn chain(&self) -> Arc<Chain> {
         self.core.load().chain.clone()
+    }
+
+    /// The slot of a paced INVITE has come: take it out of the queue and return it to send
+    /// (`None` when a CANCEL took it first).
+    pub fn release(&self, key: u64, now: Instant) -> Option<Outbound> {
+        let core = self.core.load();
+        let now_ns = core.chain.epoch().ns(now);
+        let (_, w) = self.shared.queue.remove(&key)?;
+        w.trunk.dequeued(now_ns.saturating_sub(w.since), true);
+        w.trunk.admitted_at(now_ns);
+        if let Some(a) = &w.account {
+            a.admitted_at(now_ns);
+        }
+        self.shared.decisions.insert(
+            key,
+            now_ns,
+            Decision {
+                expires: now_ns.saturating_add(DECISION_TTL.as_nanos() as u64),
+                verdict: Verdict::Forwarded(CompactTarget::from_resolved(w.target)),
+            },
+        );
+        Some(w.forward)
+    }
+
+    /// On shutdown: every waiting call whose slot comes after `deadline` is answered `503` now
+    /// (never silently lost); those due by then stay for their timers. Returns the answers.
+    pub fn flush_queue(&self, now: Instant, deadline: Instant) -> Vec<Outbound> {
+        let core = self.core.load();
+        let now_ns = core.chain.epoch().ns(now);
+        let until = core.chain.epoch().ns(deadline);
+        let late: Vec<u64> = self
+            .shared
+            .queue
+            .iter()
+            .filter(|e| e.value().at > until)
+            .map(|e| *e.key())
+            .collect();
+        late.into_iter()
+            .filter_map(|key| {
+                let (_, w) = self.shared.queue.remove(&key)?;
+                w.chain.refund(&w.ask, &w.chain.stages_of(&w.ask));
+                w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
+                core.answer_waiting(&w, 503, "Service Unavailable (Shutting Down)")
+            })
+            .collect()
+    }
+
+    /// Calls waiting for their slot now.
+    pub fn queue_len(&self) -> usize {
+        self.shared.queue.len()
     }
 
     /// CANCELs of refused INVITEs answered here (never forwarded).
@@ -912,8 +1011,11 @@ impl Core {
         // Admission: initial INVITEs only; the decision cache answers retransmissions, and sends
         // a CANCEL and the ACK of a failed INVITE where the INVITE went.
         let initial_invite = req.method == Method::Invite && req.to_tag(buf).is_none();
+        let mut paced = None;
         if (initial_invite || matches!(req.method, Method::Cancel | Method::Ack))
-            && let Some(done) = self.admit(now, msg, &req, &via_edits, inb, origin, &mut hop)
+            && let Some(done) = self.admit(
+                now, msg, &req, &via_edits, inb, origin, &mut hop, &mut paced,
+            )
         {
             return done;
         }
@@ -967,14 +1069,108 @@ impl Core {
                 data = e.apply(buf, msg.body_range().end);
             }
         }
-        Action::Forward(Outbound {
+        let forward = Outbound {
             to,
             transport,
             listener: egress,
             conn: None,
             data,
             udp_fallback: fallback,
+        };
+        match paced {
+            None => Action::Forward(forward),
+            Some((wait, ask)) => self.enqueue(now, msg, &req, &via_edits, inb, forward, wait, ask),
+        }
+    }
+
+    /// Put a paced INVITE in the queue and answer `100 Trying` (RFC 3261 §17.2.1: a stateful
+    /// element answers an INVITE it will not answer within 200 ms).
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        now: Instant,
+        msg: &Message<'_>,
+        req: &RequestView,
+        via_edits: &Edits,
+        inb: &Inbound<'_>,
+        forward: Outbound,
+        wait: Duration,
+        ask: Ask,
+    ) -> Action {
+        let now_ns = self.chain.epoch().ns(now);
+        let key = self.transaction_hash(b'd', msg, &req.top_via);
+        let First::Trunk(t) = ask.first else {
+            unreachable!("only trunks pace");
+        };
+        let target = match &forward.to {
+            NextHop::Addr(a) => Resolved {
+                addr: *a,
+                transport: forward.transport,
+                listener: forward.listener,
+            },
+            NextHop::Name { .. } => unreachable!("initial requests go to configured targets"),
+        };
+        let trunk = self.chain.trunks()[t].stats.clone();
+        trunk.queued();
+        self.shared.queue.insert(
+            key,
+            Waiting {
+                since: now_ns,
+                at: now_ns + u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX),
+                forward,
+                invite: Bytes::copy_from_slice(msg.buf()),
+                source: inb.source,
+                transport: inb.transport,
+                listener: inb.listener,
+                conn: inb.conn,
+                target,
+                chain: self.chain.clone(),
+                ask,
+                trunk,
+                account: ask.account.map(|a| self.chain.accounts()[a].stats.clone()),
+            },
+        );
+        let (_, trying) = self.answer(msg, req, via_edits, inb, &trying());
+        Action::Queue(QueuedCall {
+            key,
+            at: now + wait,
+            trying,
         })
+    }
+
+    /// Take a waiting call out of the queue for CANCEL: its slot goes back, and the 487 for
+    /// the INVITE is returned. `None` when it already left.
+    fn cancel_waiting(&self, key: u64, now_ns: u64) -> Option<Outbound> {
+        let (_, w) = self.shared.queue.remove(&key)?;
+        w.chain.refund(&w.ask, &w.chain.stages_of(&w.ask));
+        w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
+        self.shared.decisions.insert(
+            key,
+            now_ns,
+            Decision {
+                expires: now_ns.saturating_add(DECISION_TTL.as_nanos() as u64),
+                verdict: Verdict::Terminated,
+            },
+        );
+        self.answer_waiting(&w, 487, "Request Terminated")
+    }
+
+    /// Answer a waiting INVITE from its stored bytes.
+    fn answer_waiting(&self, w: &Waiting, code: u16, reason: &'static str) -> Option<Outbound> {
+        let msg = Message::scan(&w.invite).ok()?;
+        let req = RequestView::parse(&msg).ok()?;
+        let inb = Inbound {
+            data: &w.invite,
+            source: w.source,
+            transport: w.transport,
+            listener: w.listener,
+            conn: w.conn,
+        };
+        let edits = received_edits(&req.top_via, w.source);
+        Some(
+            self.answer(&msg, &req, &edits, &inb, &refuse(code, reason))
+                .1,
+        )
     }
 
     /// RFC 3261 §16.3 request validation (syntax was checked by the scanner and the view).
@@ -1164,6 +1360,7 @@ impl Core {
         inb: &Inbound<'_>,
         origin: Origin,
         hop: &mut Hop,
+        paced: &mut Option<(Duration, Ask)>,
     ) -> Option<Action> {
         let now_ns = self.chain.epoch().ns(now);
         // RFC 3261 §17.2.3: a CANCEL and the retransmissions of an INVITE carry its top-Via
@@ -1190,6 +1387,26 @@ impl Core {
                     *hop = Hop::Target(res.resolved());
                     None
                 }
+                Some(Verdict::Terminated) => {
+                    Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
+                }
+                Some(Verdict::Queued) => match self.cancel_waiting(key, now_ns) {
+                    Some(terminated) => {
+                        let (_, ok) = self.answer(msg, req, via_edits, inb, &refuse(200, "OK"));
+                        Some(Action::Cancelled(ok, terminated))
+                    }
+                    // Released a moment ago: the CANCEL follows the INVITE.
+                    None => self
+                        .shared
+                        .decisions
+                        .get(key, now_ns, |d| d.verdict)
+                        .and_then(|v| {
+                            if let Verdict::Forwarded(res) = v {
+                                *hop = Hop::Target(res.resolved());
+                            }
+                            None
+                        }),
+                },
                 None => None,
             };
         }
@@ -1200,6 +1417,19 @@ impl Core {
             }
             Some(Verdict::Rejected(stage)) => {
                 return Some(self.reject(msg, req, via_edits, inb, origin, stage, None, key));
+            }
+            // A retransmission of a waiting INVITE gets the 100 again (§17.2.1).
+            Some(Verdict::Queued) => {
+                return Some(self.reply(msg, req, via_edits, inb, trying()));
+            }
+            Some(Verdict::Terminated) => {
+                return Some(self.reply(
+                    msg,
+                    req,
+                    via_edits,
+                    inb,
+                    refuse(487, "Request Terminated"),
+                ));
             }
             None => {}
         }
@@ -1251,8 +1481,33 @@ impl Core {
                     f(&self.chain.accounts()[a].stats);
                 }
             };
+            // Pacing: reserve the next slot every stage has within max_delay instead of
+            // refusing; a call whose slot is now goes at once.
+            let pacing = match ask.first {
+                First::Trunk(t) => self.routes.trunks()[t].pacing,
+                First::Source(_) => None,
+            };
+            let outcome = if auth_retry {
+                Ok(Duration::ZERO)
+            } else {
+                match pacing {
+                    None => self.chain.admit(now, &ask).map(|()| Duration::ZERO),
+                    Some(p) => self.chain.reserve(now, &ask, p.max_delay).and_then(|wait| {
+                        let full = !wait.is_zero()
+                            && matches!(ask.first, First::Trunk(t) if self.chain.trunks()[t].stats.waiting() >= p.max_queue as u64);
+                        if full {
+                            self.chain.refund(&ask, &self.chain.stages_of(&ask));
+                            return Err(crate::limiter::Refused {
+                                stage: Stage::Trunk,
+                                retry_after: wait,
+                            });
+                        }
+                        Ok(wait)
+                    }),
+                }
+            };
             if !auth_retry {
-                if let Err(refused) = self.chain.admit(now, &ask) {
+                if let Err(refused) = outcome {
                     counters(&|s| s.rejected_at(refused.stage));
                     self.shared.decisions.insert(
                         key,
@@ -1273,7 +1528,10 @@ impl Core {
                         key,
                     ));
                 }
-                counters(&|s| s.admitted_at(now_ns));
+                match outcome {
+                    Ok(wait) if !wait.is_zero() => *paced = Some((wait, ask)),
+                    _ => counters(&|s| s.admitted_at(now_ns)),
+                }
                 // Follow the call for ASR and ACD (a bounded table; calls that never end are
                 // forgotten after usage.max_call_secs).
                 // (Without Record-Route the BYE never passes: nothing to follow.)
@@ -1310,7 +1568,11 @@ impl Core {
             now_ns,
             Decision {
                 expires,
-                verdict: Verdict::Forwarded(CompactTarget::from_resolved(target)),
+                verdict: if paced.is_some() {
+                    Verdict::Queued
+                } else {
+                    Verdict::Forwarded(CompactTarget::from_resolved(target))
+                },
             },
         );
         None
@@ -1832,7 +2094,12 @@ impl Core {
         inb: &Inbound<'_>,
         r: &Refusal,
     ) -> (u16, Outbound) {
-        let tag = self.to_tag(msg, &req.top_via);
+        // A 100 Trying carries no To-tag (it creates no dialog state, RFC 3261 §8.2.6.1).
+        let tag = if r.code == 100 {
+            String::new()
+        } else {
+            self.to_tag(msg, &req.top_via)
+        };
         let extra: Vec<(&str, &str)> = r.extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let data = build_response(
             msg,

@@ -1502,3 +1502,171 @@ fn usage_follows_answers_failures_and_byes() {
         "{u:?}"
     );
 }
+
+const PACED: &str = r#"
+[[listen]]
+address = "127.0.0.1:5060"
+
+[proxy]
+secret = "0123456789abcdef-test"
+
+[[upstream]]
+name = "carrier"
+address = "192.0.2.80:5060"
+
+[[trunk]]
+name = "paced"
+upstream = "carrier"
+rate = 10
+burst = 1
+on_limit = "queue"
+max_delay = 1.0
+max_queue = 5
+match = { sources = ["10.0.0.0/24"] }
+"#;
+
+fn paced(t0: Instant) -> Proxy {
+    let cfg = Config::parse(PACED, "test").expect("valid");
+    Proxy::new_at(&cfg, test_listeners()[..1].to_vec(), t0).expect("builds")
+}
+
+fn queued(a: Action) -> (QueuedCall, String) {
+    match a {
+        Action::Queue(q) => {
+            let s = String::from_utf8(q.trying.data.to_vec()).expect("utf8");
+            (q, s)
+        }
+        other => panic!("expected a queued call, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_call_over_the_rate_waits_for_its_slot_with_100_trying() {
+    let t0 = Instant::now();
+    let p = paced(t0);
+    assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
+    let (q, trying) = queued(at(&p, &call(1), PBX, t0));
+    assert_eq!(q.at, t0 + Duration::from_millis(100));
+    assert!(trying.starts_with("SIP/2.0 100 Trying\r\n"), "{trying}");
+    assert!(
+        trying.contains("\r\nTo: <sip:+15551234567@carrier.example>\r\n"),
+        "no To-tag on a 100: {trying}"
+    );
+    // A retransmission while it waits gets the 100 again; nothing is charged.
+    let (code, _, _) = replied(at(&p, &call(1), PBX, t0 + Duration::from_millis(50)));
+    assert_eq!(code, 100);
+    // Its slot comes: the INVITE goes out, and is the same forward a retransmission gets.
+    let out = p
+        .release(q.key, t0 + Duration::from_millis(100))
+        .expect("released");
+    let (again, _) = forwarded(at(&p, &call(1), PBX, t0 + Duration::from_millis(150)));
+    assert_eq!(out.data, again.data);
+    assert!(
+        p.release(q.key, t0 + Duration::from_millis(200)).is_none(),
+        "released once"
+    );
+}
+
+#[test]
+fn a_cancelled_waiting_call_gets_200_and_487_and_frees_its_slot() {
+    let t0 = Instant::now();
+    let p = paced(t0);
+    assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
+    let (q, _) = queued(at(&p, &call(1), PBX, t0));
+    let cancel = call(1)
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL");
+    let Action::Cancelled(ok, terminated) = at(&p, &cancel, PBX, t0 + Duration::from_millis(10))
+    else {
+        panic!("the CANCEL ends the waiting call");
+    };
+    let ok = String::from_utf8(ok.data.to_vec()).expect("utf8");
+    let term = String::from_utf8(terminated.data.to_vec()).expect("utf8");
+    assert!(
+        ok.starts_with("SIP/2.0 200 OK\r\n") && ok.contains("CSeq: 1 CANCEL"),
+        "{ok}"
+    );
+    assert!(
+        term.starts_with("SIP/2.0 487 Request Terminated\r\n") && term.contains("CSeq: 1 INVITE"),
+        "{term}"
+    );
+    assert!(
+        p.release(q.key, t0 + Duration::from_millis(100)).is_none(),
+        "nothing reaches the carrier"
+    );
+    // Its slot is free again: the next call takes it.
+    let (q2, _) = queued(at(&p, &call(2), PBX, t0 + Duration::from_millis(20)));
+    assert_eq!(q2.at, t0 + Duration::from_millis(100));
+    // The ACK of the 487 is absorbed; a retransmitted INVITE gets the 487 again.
+    let to = term
+        .split("\r\n")
+        .find(|l| l.starts_with("To:"))
+        .expect("to")
+        .to_owned();
+    let ack = call(1)
+        .replace("INVITE sip:", "ACK sip:")
+        .replace("1 INVITE", "1 ACK")
+        .replace("To: <sip:+15551234567@carrier.example>", &to);
+    assert_eq!(
+        at(&p, &ack, PBX, t0 + Duration::from_millis(30)),
+        Action::Absorb
+    );
+    let (code, _, _) = replied(at(&p, &call(1), PBX, t0 + Duration::from_millis(40)));
+    assert_eq!(code, 487);
+}
+
+#[test]
+fn beyond_max_delay_or_max_queue_calls_are_refused() {
+    let t0 = Instant::now();
+    let p = paced(t0);
+    assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
+    // Slots at 100..=500 ms: five waiting calls fill the queue.
+    for n in 1..=5 {
+        let (q, _) = queued(at(&p, &call(n), PBX, t0));
+        assert_eq!(q.at, t0 + Duration::from_millis(100 * u64::from(n)));
+    }
+    let (r, s) = rejected(at(&p, &call(6), PBX, t0));
+    assert_eq!(r.stage, Stage::Trunk);
+    assert!(s.starts_with("SIP/2.0 503 CPS Limit reached\r\n"));
+    // Nothing was taken by the refused call: once the five go out, the next slot is 600 ms.
+    for n in 1..=5u32 {
+        let _ = p.release(p_key(&p, n), t0);
+    }
+    let (q, _) = queued(at(&p, &call(7), PBX, t0));
+    assert_eq!(q.at, t0 + Duration::from_millis(600));
+    // A slot more than max_delay (1 s) away is refused.
+    for n in 8..=11 {
+        let _ = at(&p, &call(n), PBX, t0);
+    }
+    let (r, _) = rejected(at(&p, &call(12), PBX, t0));
+    assert_eq!(r.stage, Stage::Trunk);
+    assert!(r.retry_after > Duration::ZERO);
+}
+
+/// The queue key of call `n` (the transaction key of its INVITE).
+fn p_key(p: &Proxy, n: u32) -> u64 {
+    let inv = call(n);
+    let m = Message::scan(inv.as_bytes()).expect("scans");
+    let r = RequestView::parse(&m).expect("parses");
+    p.core.load().transaction_hash(b'd', &m, &r.top_via)
+}
+
+#[test]
+fn on_shutdown_waiting_calls_go_out_in_time_or_get_503() {
+    let t0 = Instant::now();
+    let p = paced(t0);
+    assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
+    for n in 1..=4 {
+        let _ = queued(at(&p, &call(n), PBX, t0));
+    }
+    // A drain of 250 ms: the slots at 100 and 200 ms stay, those at 300 and 400 ms get 503.
+    let answers = p.flush_queue(t0, t0 + Duration::from_millis(250));
+    assert_eq!(answers.len(), 2);
+    for a in &answers {
+        assert!(
+            a.data
+                .starts_with(b"SIP/2.0 503 Service Unavailable (Shutting Down)\r\n")
+        );
+    }
+    assert_eq!(p.queue_len(), 2);
+}

@@ -47,7 +47,8 @@ pub fn build_response(req: &Message<'_>, via_edits: &Edits, spec: &ResponseSpec<
                     .map(|n| n.tag(buf).is_some())
                     .unwrap_or(true);
                 let mut e = Edits::new();
-                if !has_tag {
+                // An empty tag means none: a 100 Trying carries no To-tag.
+                if !has_tag && !spec.to_tag.is_empty() {
                     e.insert(h.value.end, format!(";tag={}", spec.to_tag));
                 }
                 e.apply_range(buf, h.line.clone(), &mut out);

@@ -222,6 +222,13 @@ impl Shell {
         }
     }
 
+    /// Answer `503` to every waiting call whose slot lies after `deadline` (shutdown).
+    pub async fn flush_queue(self: &Arc<Self>, deadline: Instant) {
+        for out in self.proxy.flush_queue(Instant::now(), deadline) {
+            self.send(out).await;
+        }
+    }
+
     /// Run the core on one message, timing it for the latency histogram.
     fn decide(&self, inb: &Inbound<'_>) -> Action {
         let start = Instant::now();
@@ -237,6 +244,26 @@ impl Shell {
         match action {
             Action::Forward(out) | Action::Reply(_, out) | Action::Reject(_, out) => {
                 self.send(out).await
+            }
+            Action::Cancelled(ok, terminated) => {
+                self.send(ok).await;
+                self.send(terminated).await;
+            }
+            Action::Queue(q) => {
+                self.send(q.trying).await;
+                let shell = self.clone();
+                let at = tokio::time::Instant::from_std(q.at);
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        // Shutdown: the gate answers what is left (see `flush_queue`).
+                        _ = shell.cancel.cancelled() => {}
+                        _ = tokio::time::sleep_until(at) => {
+                            if let Some(out) = shell.proxy.release(q.key, Instant::now()) {
+                                shell.send(out).await;
+                            }
+                        }
+                    }
+                });
             }
             Action::Absorb | Action::Drop(_) => {}
         }

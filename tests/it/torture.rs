@@ -111,6 +111,8 @@ pub(crate) fn describe(a: &Action) -> String {
             format!("Reply {code} ({:?})", String::from_utf8_lossy(first))
         }
         Action::Reject(r, _) => format!("Reject at the {} stage", r.stage.as_str()),
+        Action::Queue(_) => "Queue".to_owned(),
+        Action::Cancelled(..) => "Cancelled".to_owned(),
         Action::Absorb => "Absorb".to_owned(),
         Action::Drop(r) => format!("Drop({r:?})"),
     }
