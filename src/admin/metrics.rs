@@ -167,6 +167,20 @@ pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
             );
         }
     }
+    for t in &snap.trunks {
+        let account = t.account.as_deref().unwrap_or("");
+        if t.limits.queued > 0 {
+            o.sample(
+                "cpsgate_invites_total",
+                &[
+                    ("trunk", &t.limits.name),
+                    ("account", account),
+                    ("outcome", "queued"),
+                ],
+                t.limits.queued,
+            );
+        }
+    }
     o.family(
         "cpsgate_account_invites_total",
         "counter",
@@ -313,6 +327,42 @@ pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
             let v = [*len as u64, *cap as u64, *evicted][i];
             o.sample(family, &[("table", name)], v);
         }
+    }
+    o.family(
+        "cpsgate_queue_depth",
+        "gauge",
+        "Paced calls waiting for their slot.",
+    );
+    for t in &snap.trunks {
+        o.sample(
+            "cpsgate_queue_depth",
+            &[("trunk", &t.limits.name)],
+            t.limits.waiting,
+        );
+    }
+    o.family(
+        "cpsgate_queue_delay_seconds",
+        "histogram",
+        "How long paced calls waited for their slot.",
+    );
+    for t in &snap.trunks {
+        let mut cumulative = 0;
+        for (i, n) in t.limits.queue_delays.iter().enumerate() {
+            cumulative += n;
+            let le = crate::limiter::QUEUE_DELAY_BOUNDS_MS
+                .get(i)
+                .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 / 1e3));
+            o.sample(
+                "cpsgate_queue_delay_seconds_bucket",
+                &[("trunk", &t.limits.name), ("le", &le)],
+                cumulative,
+            );
+        }
+        o.sample(
+            "cpsgate_queue_delay_seconds_count",
+            &[("trunk", &t.limits.name)],
+            cumulative,
+        );
     }
     o.family(
         "cpsgate_decision_seconds",

@@ -492,6 +492,13 @@ pub struct KeyView {
     pub rejected: std::collections::BTreeMap<&'static str, u64>,
     /// The traffic profile: per-second peaks, ASR, ACD, short calls.
     pub usage: crate::limiter::Usage,
+    /// Paced calls waiting now.
+    pub waiting: u64,
+    /// Paced calls ever queued.
+    pub queued: u64,
+    /// Pacing delays of released calls, per bucket of `limiter::QUEUE_DELAY_BOUNDS_MS`
+    /// (not cumulative; the last is above them all).
+    pub queue_delays: Vec<u64>,
 }
 
 /// A trunk as the admin API shows it.
@@ -771,6 +778,9 @@ impl Proxy {
             cps: k.stats.cps(ns),
             admitted: k.stats.admitted(),
             usage: k.stats.usage(ns),
+            waiting: k.stats.waiting(),
+            queued: k.stats.queued_total(),
+            queue_delays: k.stats.queue_delays(),
             rejected: Stage::ALL
                 .iter()
                 .map(|s| (s.as_str(), k.stats.rejected(*s)))
