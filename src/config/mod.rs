@@ -237,6 +237,8 @@ pub struct Account {
     pub name: String,
     /// The pooled limit.
     pub limit: Limit,
+    /// `on_limit = "queue"`: the pacing its trunks take unless they set their own `on_limit`.
+    pub pacing: Option<Pacing>,
 }
 
 /// How a trunk is recognised; every given criterion must hold.
@@ -513,10 +515,19 @@ impl<'t> Validator<'t> {
             .iter()
             .enumerate()
             .filter_map(|(i, a)| {
-                let limit = self.limit(&format!("account[{i}]"), &a.rate, a.burst.as_ref())?;
+                let key = format!("account[{i}]");
+                let pacing = self.pacing(
+                    &key,
+                    &a.name,
+                    a.on_limit.as_ref(),
+                    a.max_delay.as_ref(),
+                    a.max_queue.as_ref(),
+                );
+                let limit = self.limit(&key, &a.rate, a.burst.as_ref())?;
                 Some(Account {
                     name: a.name.get_ref().clone(),
                     limit,
+                    pacing,
                 })
             })
             .collect();
@@ -525,7 +536,7 @@ impl<'t> Validator<'t> {
             .trunk
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| self.trunk(i, t, &doc))
+            .filter_map(|(i, t)| self.trunk(i, t, &doc, &accounts))
             .collect();
         self.unique("trunk", doc.trunk.iter().map(|t| &t.name));
         let proxy = self.proxy(&doc.proxy, &doc.upstream);
@@ -1102,7 +1113,13 @@ impl<'t> Validator<'t> {
         })
     }
 
-    fn trunk(&mut self, i: usize, t: &raw::Trunk, doc: &RawDoc) -> Option<Trunk> {
+    fn trunk(
+        &mut self,
+        i: usize,
+        t: &raw::Trunk,
+        doc: &RawDoc,
+        accounts: &[Account],
+    ) -> Option<Trunk> {
         let key = format!("trunk[{i}]");
         let upstream = doc
             .upstream
@@ -1168,16 +1185,49 @@ impl<'t> Validator<'t> {
                 "must give at least one of sources, username, header",
             );
         }
-        let pacing = match t.on_limit.as_ref().map(|s| s.get_ref().as_str()) {
+        // A trunk without its own on_limit takes its account's (each trunk queues on its own).
+        let pacing = match (&t.on_limit, account) {
+            (None, Some(a)) if t.max_delay.is_none() && t.max_queue.is_none() => {
+                accounts.get(a).and_then(|a| a.pacing)
+            }
+            _ => self.pacing(
+                &key,
+                &t.name,
+                t.on_limit.as_ref(),
+                t.max_delay.as_ref(),
+                t.max_queue.as_ref(),
+            ),
+        };
+        Some(Trunk {
+            name: t.name.get_ref().clone(),
+            account,
+            upstream: upstream?,
+            limit: limit?,
+            matcher,
+            pacing,
+        })
+    }
+
+    /// `on_limit`, `max_delay`, `max_queue` of a trunk or an account: `None` for reject, the
+    /// pacing for queue.
+    fn pacing(
+        &mut self,
+        key: &str,
+        name: &toml::Spanned<String>,
+        on_limit: Option<&toml::Spanned<String>>,
+        max_delay: Option<&toml::Spanned<f64>>,
+        max_queue: Option<&toml::Spanned<i64>>,
+    ) -> Option<Pacing> {
+        match on_limit.map(|s| s.get_ref().as_str()) {
             None | Some("reject") => {
-                for (set, name) in [
-                    (t.max_delay.is_some(), "max_delay"),
-                    (t.max_queue.is_some(), "max_queue"),
+                for (set, field) in [
+                    (max_delay.is_some(), "max_delay"),
+                    (max_queue.is_some(), "max_queue"),
                 ] {
                     if set {
                         self.err(
-                            t.name.span(),
-                            format!("{key}.{name}"),
+                            name.span(),
+                            format!("{key}.{field}"),
                             "",
                             "only applies with on_limit = \"queue\"",
                         );
@@ -1186,7 +1236,7 @@ impl<'t> Validator<'t> {
                 None
             }
             Some("queue") => {
-                let max_delay = match &t.max_delay {
+                let max_delay = match max_delay {
                     None => 5.0,
                     Some(d) if (0.001..=300.0).contains(d.get_ref()) => *d.get_ref(),
                     Some(d) => {
@@ -1200,16 +1250,11 @@ impl<'t> Validator<'t> {
                 };
                 Some(Pacing {
                     max_delay: std::time::Duration::from_secs_f64(max_delay),
-                    max_queue: self.size(
-                        &format!("{key}.max_queue"),
-                        t.max_queue.as_ref(),
-                        1000,
-                        1..=100_000,
-                    ),
+                    max_queue: self.size(&format!("{key}.max_queue"), max_queue, 1000, 1..=100_000),
                 })
             }
             Some(_) => {
-                let s = t.on_limit.as_ref().expect("matched Some");
+                let s = on_limit.expect("matched Some");
                 self.err_at(
                     s,
                     format!("{key}.on_limit"),
@@ -1217,15 +1262,7 @@ impl<'t> Validator<'t> {
                 );
                 None
             }
-        };
-        Some(Trunk {
-            name: t.name.get_ref().clone(),
-            account,
-            upstream: upstream?,
-            limit: limit?,
-            matcher,
-            pacing,
-        })
+        }
     }
 
     fn proxy(&mut self, p: &raw::Proxy, upstreams: &[raw::Upstream]) -> Option<ProxySettings> {
@@ -1421,6 +1458,64 @@ match = { sources = ["10.0.0.0/8"] }
         assert_eq!(c.accounts[0].limit.burst, 1);
         assert_eq!(c.proxy.unknown_sources, UnknownSources::Reject);
         assert!(c.listeners[0].udp && c.listeners[0].tcp);
+    }
+
+    #[test]
+    fn pacing_per_trunk_and_inherited_from_the_account() {
+        use std::time::Duration;
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert_eq!(c.trunks[0].pacing, None, "reject is the default");
+        let queued = GOOD.replace(
+            "burst = 5\n",
+            "burst = 5\non_limit = \"queue\"\nmax_delay = 2.5\nmax_queue = 40\n",
+        );
+        let c = Config::parse(&queued, "t").unwrap();
+        assert_eq!(
+            c.trunks[0].pacing,
+            Some(Pacing {
+                max_delay: Duration::from_millis(2500),
+                max_queue: 40
+            })
+        );
+        // An account's on_limit is the default of its trunks; a trunk's own wins.
+        let by_account = GOOD.replace("rate = 20\n", "rate = 20\non_limit = \"queue\"\n");
+        let c = Config::parse(&by_account, "t").unwrap();
+        let inherited = Some(Pacing {
+            max_delay: Duration::from_secs(5),
+            max_queue: 1000,
+        });
+        assert_eq!(c.accounts[0].pacing, inherited);
+        assert_eq!(c.trunks[0].pacing, inherited);
+        let overridden = by_account.replace("burst = 5\n", "burst = 5\non_limit = \"reject\"\n");
+        assert_eq!(
+            Config::parse(&overridden, "t").unwrap().trunks[0].pacing,
+            None
+        );
+    }
+
+    #[test]
+    fn pacing_errors_name_the_key_and_value() {
+        let bad = GOOD
+            .replace("burst = 5\n", "burst = 5\non_limit = \"hold\"\n")
+            .replace("rate = 20\n", "rate = 20\nmax_delay = 3.0\n");
+        let text = Config::parse(&bad, "t").unwrap_err().to_string();
+        assert!(
+            text.contains("trunk[0].on_limit = \"hold\": must be \"reject\" or \"queue\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("account[0].max_delay") && text.contains("only applies with on_limit"),
+            "{text}"
+        );
+        let bad = GOOD.replace(
+            "burst = 5\n",
+            "burst = 5\non_limit = \"queue\"\nmax_delay = 900.0\nmax_queue = 0\n",
+        );
+        let text = Config::parse(&bad, "t").unwrap_err().to_string();
+        assert!(
+            text.contains("trunk[0].max_delay = 900") && text.contains("trunk[0].max_queue = 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct Account {
     pub name: Spanned<String>,
     pub rate: Spanned<f64>,
     pub burst: Option<Spanned<i64>>,
+    pub on_limit: Option<Spanned<String>>,
+    pub max_delay: Option<Spanned<f64>>,
+    pub max_queue: Option<Spanned<i64>>,
 }
 
 /// `[trunk.match.header]`.
