@@ -220,3 +220,69 @@ async fn reload_changes_a_rate_without_a_fresh_burst() {
     let _ = std::fs::remove_file(&path);
     gate.stop().await;
 }
+
+/// Pacing through a running gate: a call over the rate waits with 100 Trying and goes out when
+/// its slot comes; a waiting call the caller CANCELs gets 200 and 487, never reaches the
+/// carrier, and its slot goes to the next call.
+#[tokio::test]
+async fn a_queued_call_goes_out_at_its_slot_and_a_cancelled_one_never_does() {
+    let pbx = UdpPeer::bind().await;
+    let carrier = UdpPeer::bind().await;
+    let cfg = limited_config(pbx.addr, carrier.addr, 2, 1).replace(
+        "burst = 1\nmatch",
+        "burst = 1\non_limit = \"queue\"\nmax_delay = 5.0\nmatch",
+    );
+    let gate = TestGate::start(&cfg).await;
+    let first = invite(pbx.addr, "UDP", "q-0", "z9hG4bKq0", "");
+    forwarded(offer(&pbx, &carrier, &gate, &first).await);
+    // The next call's slot is 500 ms away: the caller hears 100 Trying at once.
+    let waiting = invite(pbx.addr, "UDP", "q-1", "z9hG4bKq1", "");
+    let sent = tokio::time::Instant::now();
+    let trying = answered(offer(&pbx, &carrier, &gate, &waiting).await);
+    assert!(trying.starts_with("SIP/2.0 100 Trying\r\n"), "{trying}");
+    // ... and the carrier gets it when the slot comes, not before.
+    let (out, _) = carrier.recv().await;
+    let waited = sent.elapsed();
+    assert!(out.contains("Call-ID: q-1\r\n"), "{out}");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "forwarded after {waited:?}, before its slot"
+    );
+    // A third call waits; its caller gives up.
+    let doomed = invite(pbx.addr, "UDP", "q-2", "z9hG4bKq2", "");
+    let trying = answered(offer(&pbx, &carrier, &gate, &doomed).await);
+    assert!(trying.starts_with("SIP/2.0 100 Trying\r\n"), "{trying}");
+    let cancel = doomed
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    pbx.send(gate.udp, &cancel).await;
+    let mut answers = vec![pbx.recv().await.0, pbx.recv().await.0];
+    answers.sort_by_key(|m| status(m));
+    assert!(
+        answers[0].starts_with("SIP/2.0 200 OK\r\n") && answers[0].contains("CSeq: 1 CANCEL"),
+        "{}",
+        answers[0]
+    );
+    assert!(
+        answers[1].starts_with("SIP/2.0 487 Request Terminated\r\n")
+            && answers[1].contains("CSeq: 1 INVITE"),
+        "{}",
+        answers[1]
+    );
+    // The freed slot goes to the next call; the carrier never sees the cancelled one.
+    let next = invite(pbx.addr, "UDP", "q-3", "z9hG4bKq3", "");
+    pbx.send(gate.udp, &next).await;
+    let (out, _) = carrier.recv().await;
+    assert!(
+        out.contains("Call-ID: q-3\r\n"),
+        "the cancelled call went out: {out}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), carrier.recv())
+            .await
+            .is_err(),
+        "nothing else reaches the carrier"
+    );
+    assert_eq!(gate.proxy.queue_len(), 0);
+    gate.stop().await;
+}
