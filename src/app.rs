@@ -254,7 +254,11 @@ impl Gate {
         self.ready
             .store(false, std::sync::atomic::Ordering::Release);
         accept_stop.cancel();
+        // Paced calls due within the grace period go out at their slots; the later ones are
+        // answered 503 now, and whatever is still waiting at the end as well.
+        self.shell.flush_queue(Instant::now() + self.grace).await;
         tokio::time::sleep(self.grace).await;
+        self.shell.flush_queue(Instant::now()).await;
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(FLUSH_TIMEOUT, self.tracker.wait())

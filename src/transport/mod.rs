@@ -222,7 +222,8 @@ impl Shell {
         }
     }
 
-    /// Answer `503` to every waiting call whose slot lies after `deadline` (shutdown).
+    /// Answer `503` to every waiting call whose slot lies after `deadline` (shutdown; those due
+    /// by then go out at their slots).
     pub async fn flush_queue(self: &Arc<Self>, deadline: Instant) {
         for out in self.proxy.flush_queue(Instant::now(), deadline) {
             self.send(out).await;
@@ -255,13 +256,17 @@ impl Shell {
                 let at = tokio::time::Instant::from_std(q.at);
                 self.tracker.spawn(async move {
                     tokio::select! {
-                        // Shutdown: the gate answers what is left (see `flush_queue`).
-                        _ = shell.cancel.cancelled() => {}
-                        _ = tokio::time::sleep_until(at) => {
-                            if let Some(out) = shell.proxy.release(q.key, Instant::now()) {
-                                shell.send(out).await;
+                        // Shutdown: a call whose slot has come still goes; the gate answers
+                        // the rest (see `flush_queue`).
+                        _ = shell.cancel.cancelled() => {
+                            if Instant::now() < q.at {
+                                return;
                             }
                         }
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                    if let Some(out) = shell.proxy.release(q.key, Instant::now()) {
+                        shell.send(out).await;
                     }
                 });
             }

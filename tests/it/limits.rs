@@ -256,7 +256,7 @@ async fn a_queued_call_goes_out_at_its_slot_and_a_cancelled_one_never_does() {
         .replacen("INVITE sip:", "CANCEL sip:", 1)
         .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
     pbx.send(gate.udp, &cancel).await;
-    let mut answers = vec![pbx.recv().await.0, pbx.recv().await.0];
+    let mut answers = [pbx.recv().await.0, pbx.recv().await.0];
     answers.sort_by_key(|m| status(m));
     assert!(
         answers[0].starts_with("SIP/2.0 200 OK\r\n") && answers[0].contains("CSeq: 1 CANCEL"),
@@ -284,5 +284,48 @@ async fn a_queued_call_goes_out_at_its_slot_and_a_cancelled_one_never_does() {
         "nothing else reaches the carrier"
     );
     assert_eq!(gate.proxy.queue_len(), 0);
+    gate.stop().await;
+}
+
+/// On shutdown, a waiting call whose slot comes within the grace period still goes out at its
+/// slot; one whose slot is later is answered 503 at once. None is silently lost.
+#[tokio::test]
+async fn shutdown_sends_the_waiting_calls_due_in_the_grace_period_and_refuses_the_rest() {
+    let pbx = UdpPeer::bind().await;
+    let carrier = UdpPeer::bind().await;
+    let cfg = limited_config(pbx.addr, carrier.addr, 1, 1)
+        .replace(
+            "burst = 1\nmatch",
+            "burst = 1\non_limit = \"queue\"\nmax_delay = 10.0\nmatch",
+        )
+        .replace("shutdown_grace_secs = 0", "shutdown_grace_secs = 2");
+    let mut gate = TestGate::start(&cfg).await;
+    let now = invite(pbx.addr, "UDP", "s-0", "z9hG4bKs0", "");
+    forwarded(offer(&pbx, &carrier, &gate, &now).await);
+    // Slots at +1 s (within the 2 s grace) and +2 s, +3 s (the last one beyond it).
+    for n in 1..=3 {
+        let msg = invite(
+            pbx.addr,
+            "UDP",
+            &format!("s-{n}"),
+            &format!("z9hG4bKs{n}"),
+            "",
+        );
+        let trying = answered(offer(&pbx, &carrier, &gate, &msg).await);
+        assert!(trying.starts_with("SIP/2.0 100 Trying\r\n"), "{trying}");
+    }
+    gate.begin_stop();
+    // The call beyond the grace period is refused at once.
+    let (refused, _) = pbx.recv().await;
+    assert!(
+        refused.starts_with("SIP/2.0 503 Service Unavailable (Shutting Down)\r\n")
+            && refused.contains("Call-ID: s-3\r\n"),
+        "{refused}"
+    );
+    // The other two go out at their slots.
+    for n in 1..=2 {
+        let (out, _) = carrier.recv().await;
+        assert!(out.contains(&format!("Call-ID: s-{n}\r\n")), "{out}");
+    }
     gate.stop().await;
 }
