@@ -143,25 +143,37 @@ pub fn earliest(tat: &AtomicU64, p: &Params, now: u64) -> u64 {
 }
 
 /// Take one cell at time `t` if it conforms then (a reservation for pacing: every stage of a
-/// chain takes its cell at the same instant).
-pub fn take_at(tat: &AtomicU64, p: &Params, t: u64) -> bool {
+/// chain takes its cell at the same instant). Returns the TAT it left, for [`release`].
+pub fn take_at(tat: &AtomicU64, p: &Params, t: u64) -> Option<u64> {
     let (interval, tolerance) = p.get();
     let mut cur = tat.load(Ordering::Acquire);
     loop {
         let base = cur.max(t);
         if base - t > tolerance {
-            return false;
+            return None;
         }
-        match tat.compare_exchange_weak(
-            cur,
-            base.saturating_add(interval),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => return true,
+        let next = base.saturating_add(interval);
+        match tat.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(next),
             Err(actual) => cur = actual,
         }
     }
+}
+
+/// Give back a cell [`take_at`] took, leaving `left` as TAT — only while no cell was taken
+/// after it. Refunding a reservation with later ones booked behind it would let a new call
+/// into the gap *and* keep the later ones at their slots: more than the rate for an instant.
+/// A slot that cannot be given back is skipped (the stream runs one cell under the rate),
+/// never doubled. True when the cell was given back.
+pub fn release(tat: &AtomicU64, p: &Params, left: u64) -> bool {
+    let (interval, _) = p.get();
+    tat.compare_exchange(
+        left,
+        left.saturating_sub(interval),
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    )
+    .is_ok()
 }
 
 /// Undo exactly one admitted cell (a later stage refused the call).
@@ -217,9 +229,14 @@ impl Gcra {
         earliest(&self.tat, &self.params, self.epoch.ns(now))
     }
 
-    /// Take one cell at `t` (ns since the epoch) if it conforms then.
-    pub fn take_at(&self, t: u64) -> bool {
+    /// Take one cell at `t` (ns since the epoch) if it conforms then; the TAT it left.
+    pub fn take_at(&self, t: u64) -> Option<u64> {
         take_at(&self.tat, &self.params, t)
+    }
+
+    /// Give back the cell a `take_at` took if none was taken after it (see [`release`]).
+    pub fn release(&self, left: u64) -> bool {
+        release(&self.tat, &self.params, left)
     }
 
     /// Change rate and burst in place, keeping the cells already used: the debt (TAT ahead of

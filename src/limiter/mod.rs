@@ -88,6 +88,16 @@ pub struct Refused {
     pub retry_after: Duration,
 }
 
+/// A pacing reservation: the wait until its slot, and the TAT each stage was left at (to give
+/// the cells back with [`Chain::release`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Time until the slot (zero: now).
+    pub wait: Duration,
+    /// Each stage taken, with the TAT its cell left.
+    pub taken: Vec<(Stage, u64)>,
+}
+
 /// Limits of one configuration, by name (names carry bucket state across reloads).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChainSpec {
@@ -276,7 +286,7 @@ impl Chain {
         now: Instant,
         ask: &Ask,
         max_wait: Duration,
-    ) -> Result<Duration, Refused> {
+    ) -> Result<Reservation, Refused> {
         let ns = self.epoch.ns(now);
         let max = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
         let user = ask.username.zip(self.usernames.as_ref());
@@ -308,30 +318,33 @@ impl Chain {
                 });
             }
             // Take every stage at the same instant; undo on a lost race and look again.
-            let mut taken: Vec<Stage> = Vec::with_capacity(stages.len());
+            let mut taken: Vec<(Stage, u64)> = Vec::with_capacity(stages.len());
             let ok = stages.iter().all(|(s, _)| {
                 let got = match s {
                     Stage::Trunk => match ask.first {
                         First::Trunk(t) => self.trunks[t].bucket.take_at(at),
-                        First::Source(_) => false,
+                        First::Source(_) => None,
                     },
                     Stage::Source => match ask.first {
                         First::Source(k) => self.sources.take_at(k, ns, at),
-                        First::Trunk(_) => false,
+                        First::Trunk(_) => None,
                     },
-                    Stage::Username => user.is_some_and(|(k, table)| table.take_at(k, ns, at)),
-                    Stage::Account => account.is_some_and(|p| p.take_at(at)),
-                    Stage::Global => self.global.as_ref().is_some_and(|g| g.take_at(at)),
+                    Stage::Username => user.and_then(|(k, table)| table.take_at(k, ns, at)),
+                    Stage::Account => account.and_then(|p| p.take_at(at)),
+                    Stage::Global => self.global.as_ref().and_then(|g| g.take_at(at)),
                 };
-                if got {
-                    taken.push(*s);
+                if let Some(left) = got {
+                    taken.push((*s, left));
                 }
-                got
+                got.is_some()
             });
             if ok {
-                return Ok(Duration::from_nanos(at - ns));
+                return Ok(Reservation {
+                    wait: Duration::from_nanos(at - ns),
+                    taken,
+                });
             }
-            self.refund(ask, &taken);
+            self.release(ask, &taken);
         }
         Err(Refused {
             stage: Stage::Trunk,
@@ -339,48 +352,35 @@ impl Chain {
         })
     }
 
-    /// Give back one cell in each of `stages` for `ask` (a reservation released or lost).
-    pub fn refund(&self, ask: &Ask, stages: &[Stage]) {
-        for s in stages {
+    /// Give back the cells of a reservation (cancelled, refused at shutdown, or a lost race),
+    /// each only if no later cell was taken in its bucket (see [`gcra::release`]).
+    pub fn release(&self, ask: &Ask, taken: &[(Stage, u64)]) {
+        for &(s, left) in taken {
             match (s, ask.first) {
-                (Stage::Trunk, First::Trunk(t)) => self.trunks[t].bucket.refund(),
-                (Stage::Source, First::Source(k)) => self.sources.refund(k),
+                (Stage::Trunk, First::Trunk(t)) => {
+                    self.trunks[t].bucket.release(left);
+                }
+                (Stage::Source, First::Source(k)) => {
+                    self.sources.release(k, left);
+                }
                 (Stage::Username, _) => {
                     if let (Some(k), Some(t)) = (ask.username, &self.usernames) {
-                        t.refund(k);
+                        t.release(k, left);
                     }
                 }
                 (Stage::Account, _) => {
                     if let Some(a) = ask.account {
-                        self.accounts[a].bucket.refund();
+                        self.accounts[a].bucket.release(left);
                     }
                 }
                 (Stage::Global, _) => {
                     if let Some(g) = &self.global {
-                        g.refund();
+                        g.release(left);
                     }
                 }
                 _ => {}
             }
         }
-    }
-
-    /// The stages an `ask` goes through, in order.
-    pub fn stages_of(&self, ask: &Ask) -> Vec<Stage> {
-        let mut v = vec![match ask.first {
-            First::Trunk(_) => Stage::Trunk,
-            First::Source(_) => Stage::Source,
-        }];
-        if ask.username.is_some() && self.usernames.is_some() {
-            v.push(Stage::Username);
-        }
-        if ask.account.is_some() {
-            v.push(Stage::Account);
-        }
-        if self.global.is_some() {
-            v.push(Stage::Global);
-        }
-        v
     }
 
     /// A trunk's bucket.

@@ -222,14 +222,21 @@ impl KeyedBuckets {
         )
     }
 
-    /// Take one cell of `key` at `t` if it conforms then.
-    pub fn take_at(&self, key: u64, now: u64, t: u64) -> bool {
+    /// Take one cell of `key` at `t` if it conforms then; the TAT it left.
+    pub fn take_at(&self, key: u64, now: u64, t: u64) -> Option<u64> {
         self.buckets.with(
             key,
             now,
             || AtomicU64::new(0),
             |tat| gcra::take_at(tat, &self.params, t),
         )
+    }
+
+    /// Give back the cell of `key` a `take_at` took if none was taken after it.
+    pub fn release(&self, key: u64, left: u64) -> bool {
+        self.buckets
+            .get(key, 0, |tat| gcra::release(tat, &self.params, left))
+            .unwrap_or(false)
     }
 
     /// Undo one admitted cell of `key`.

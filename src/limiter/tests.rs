@@ -214,7 +214,7 @@ fn a_reservation_takes_the_same_instant_in_every_stage() {
             .map(|_| {
                 chain
                     .reserve(t0, &ask(0, true), Duration::from_secs(1))
-                    .map(|d| d.as_millis())
+                    .map(|r| r.wait.as_millis())
             })
             .collect::<Vec<_>>()
     };
@@ -228,21 +228,31 @@ fn a_reservation_takes_the_same_instant_in_every_stage() {
 }
 
 #[test]
-fn releasing_a_reservation_frees_a_slot() {
+fn releasing_the_last_reservation_frees_its_slot_an_earlier_one_does_not() {
     let t0 = Instant::now();
-    let chain = Chain::new(&spec(&[("t", 10.0, 1)], None), Epoch::new(t0));
-    let a = ask(0, false);
+    let chain = Chain::new(&spec(&[("t", 10.0, 1)], Some((10.0, 1))), Epoch::new(t0));
+    let a = ask(0, true);
+    let book = || {
+        chain
+            .reserve(t0, &a, Duration::from_secs(1))
+            .expect("booked")
+    };
+    assert_eq!(book().wait, Duration::ZERO);
+    let second = book();
+    assert_eq!(second.wait, Duration::from_millis(100));
+    // The last booking given back: the next call takes its slot.
+    chain.release(&a, &second.taken);
+    let again = book();
+    assert_eq!(again.wait, Duration::from_millis(100));
+    // With a later booking behind it (200 ms), a cancelled one (100 ms) is not given back: a
+    // plain refund would book the next call at 200 ms beside the one already there — two
+    // calls at once on a 10 CPS, burst 1 trunk. Its slot is skipped instead.
+    let third = book();
+    assert_eq!(third.wait, Duration::from_millis(200));
+    chain.release(&a, &again.taken);
     assert_eq!(
-        chain.reserve(t0, &a, Duration::from_secs(1)),
-        Ok(Duration::ZERO)
-    );
-    assert_eq!(
-        chain.reserve(t0, &a, Duration::from_secs(1)),
-        Ok(Duration::from_millis(100))
-    );
-    chain.refund(&a, &chain.stages_of(&a));
-    assert_eq!(
-        chain.reserve(t0, &a, Duration::from_secs(1)),
-        Ok(Duration::from_millis(100))
+        book().wait,
+        Duration::from_millis(300),
+        "no call squeezed into the gap"
     );
 }

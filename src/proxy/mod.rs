@@ -446,9 +446,10 @@ struct Waiting {
     listener: usize,
     conn: Option<ConnId>,
     target: Resolved,
-    /// The chain it reserved in, and its stages, to give the slot back.
+    /// The chain it reserved in, and the cells it took, to give the slot back.
     chain: Arc<Chain>,
     ask: Ask,
+    taken: Vec<(crate::limiter::Stage, u64)>,
     trunk: Arc<crate::limiter::KeyStats>,
     account: Option<Arc<crate::limiter::KeyStats>>,
 }
@@ -699,7 +700,7 @@ impl Proxy {
         late.into_iter()
             .filter_map(|key| {
                 let (_, w) = self.shared.queue.remove(&key)?;
-                w.chain.refund(&w.ask, &w.chain.stages_of(&w.ask));
+                w.chain.release(&w.ask, &w.taken);
                 w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
                 core.answer_waiting(&w, 503, "Service Unavailable (Shutting Down)")
             })
@@ -1089,7 +1090,9 @@ impl Core {
         };
         match paced {
             None => Action::Forward(forward),
-            Some((wait, ask)) => self.enqueue(now, msg, &req, &via_edits, inb, forward, wait, ask),
+            Some((booked, ask)) => {
+                self.enqueue(now, msg, &req, &via_edits, inb, forward, booked, ask)
+            }
         }
     }
 
@@ -1104,9 +1107,10 @@ impl Core {
         via_edits: &Edits,
         inb: &Inbound<'_>,
         forward: Outbound,
-        wait: Duration,
+        booked: crate::limiter::Reservation,
         ask: Ask,
     ) -> Action {
+        let wait = booked.wait;
         let now_ns = self.chain.epoch().ns(now);
         let key = self.transaction_hash(b'd', msg, &req.top_via);
         let First::Trunk(t) = ask.first else {
@@ -1136,6 +1140,7 @@ impl Core {
                 target,
                 chain: self.chain.clone(),
                 ask,
+                taken: booked.taken,
                 trunk,
                 account: ask.account.map(|a| self.chain.accounts()[a].stats.clone()),
             },
@@ -1152,7 +1157,7 @@ impl Core {
     /// the INVITE is returned. `None` when it already left.
     fn cancel_waiting(&self, key: u64, now_ns: u64) -> Option<Outbound> {
         let (_, w) = self.shared.queue.remove(&key)?;
-        w.chain.refund(&w.ask, &w.chain.stages_of(&w.ask));
+        w.chain.release(&w.ask, &w.taken);
         w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
         self.shared.decisions.insert(
             key,
@@ -1370,7 +1375,7 @@ impl Core {
         inb: &Inbound<'_>,
         origin: Origin,
         hop: &mut Hop,
-        paced: &mut Option<(Duration, Ask)>,
+        paced: &mut Option<(crate::limiter::Reservation, Ask)>,
     ) -> Option<Action> {
         let now_ns = self.chain.epoch().ns(now);
         // RFC 3261 §17.2.3: a CANCEL and the retransmissions of an INVITE carry its top-Via
@@ -1497,23 +1502,30 @@ impl Core {
                 First::Trunk(t) => self.routes.trunks()[t].pacing,
                 First::Source(_) => None,
             };
+            // Ok(None): admitted now; Ok(Some): a slot booked ahead.
             let outcome = if auth_retry {
-                Ok(Duration::ZERO)
+                Ok(None)
             } else {
                 match pacing {
-                    None => self.chain.admit(now, &ask).map(|()| Duration::ZERO),
-                    Some(p) => self.chain.reserve(now, &ask, p.max_delay).and_then(|wait| {
-                        let full = !wait.is_zero()
-                            && matches!(ask.first, First::Trunk(t) if self.chain.trunks()[t].stats.waiting() >= p.max_queue as u64);
-                        if full {
-                            self.chain.refund(&ask, &self.chain.stages_of(&ask));
-                            return Err(crate::limiter::Refused {
-                                stage: Stage::Trunk,
-                                retry_after: wait,
-                            });
-                        }
-                        Ok(wait)
-                    }),
+                    None => self.chain.admit(now, &ask).map(|()| None),
+                    Some(p) => self
+                        .chain
+                        .reserve(now, &ask, p.max_delay)
+                        .and_then(|booked| {
+                            if booked.wait.is_zero() {
+                                return Ok(None);
+                            }
+                            let full = matches!(ask.first, First::Trunk(t)
+                            if self.chain.trunks()[t].stats.waiting() >= p.max_queue as u64);
+                            if full {
+                                self.chain.release(&ask, &booked.taken);
+                                return Err(crate::limiter::Refused {
+                                    stage: Stage::Trunk,
+                                    retry_after: booked.wait,
+                                });
+                            }
+                            Ok(Some(booked))
+                        }),
                 }
             };
             if !auth_retry {
@@ -1539,7 +1551,7 @@ impl Core {
                     ));
                 }
                 match outcome {
-                    Ok(wait) if !wait.is_zero() => *paced = Some((wait, ask)),
+                    Ok(Some(booked)) => *paced = Some((booked, ask)),
                     _ => counters(&|s| s.admitted_at(now_ns)),
                 }
                 // Follow the call for ASR and ACD (a bounded table; calls that never end are
