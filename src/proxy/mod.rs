@@ -308,6 +308,13 @@ fn trying() -> Refusal {
     }
 }
 
+/// The answer to a new call while the gate drains before exit.
+const SHUTTING_DOWN: &str = "Service Unavailable (Shutting Down)";
+
+fn shutting_down() -> Refusal {
+    refuse(503, SHUTTING_DOWN)
+}
+
 fn refuse(code: u16, reason: &'static str) -> Refusal {
     Refusal {
         code,
@@ -328,6 +335,8 @@ enum Verdict {
     Queued,
     /// Cancelled while waiting: retransmissions get the `487` again, a CANCEL a 200.
     Terminated,
+    /// Answered 503 while waiting, at shutdown: retransmissions get it again, a CANCEL a 200.
+    ShutDown,
 }
 
 /// A [`Resolved`] target in 22 bytes.
@@ -438,6 +447,8 @@ impl Expiring for Followed {
 struct Waiting {
     since: u64,
     at: u64,
+    /// Its entry in the followed calls (ASR/ACD), forgotten if it never reaches the carrier.
+    dialog: Option<u64>,
     forward: Outbound,
     /// The INVITE as received, for the 487 or 503 that may answer it instead.
     invite: Bytes,
@@ -700,9 +711,16 @@ impl Proxy {
         late.into_iter()
             .filter_map(|key| {
                 let (_, w) = self.shared.queue.remove(&key)?;
-                w.chain.release(&w.ask, &w.taken);
-                w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
-                core.answer_waiting(&w, 503, "Service Unavailable (Shutting Down)")
+                core.unqueue(&w, now_ns);
+                self.shared.decisions.insert(
+                    key,
+                    now_ns,
+                    Decision {
+                        expires: now_ns.saturating_add(DECISION_TTL.as_nanos() as u64),
+                        verdict: Verdict::ShutDown,
+                    },
+                );
+                core.answer_waiting(&w, 503, SHUTTING_DOWN)
             })
             .collect()
     }
@@ -993,20 +1011,17 @@ impl Core {
         }
         // While draining before exit, new calls are turned away so the PBX tries another gate;
         // everything that belongs to existing calls still passes.
+        // A retransmission of an INVITE decided before (forwarded, or waiting for its slot) is
+        // not a new call: it gets what its first copy got.
         if self
             .shared
             .draining
             .load(std::sync::atomic::Ordering::Relaxed)
             && req.method.creates_dialog()
             && req.to_tag(buf).is_none()
+            && !self.known_transaction(now, msg, &req)
         {
-            return self.reply(
-                msg,
-                &req,
-                &via_edits,
-                inb,
-                refuse(503, "Service Unavailable (Shutting Down)"),
-            );
+            return self.reply(msg, &req, &via_edits, inb, shutting_down());
         }
         let mut edits = via_edits.clone();
         let (mut hop, origin) = match self.next_hop(msg, &req, inb, ruri, &mut edits) {
@@ -1048,13 +1063,21 @@ impl Core {
                 }
             }
         };
+        // A slot booked for a call that goes nowhere is given back.
+        let unbook = |paced: Option<(crate::limiter::Reservation, Ask)>| {
+            if let Some((booked, ask)) = paced {
+                self.chain.release(&ask, &booked.taken);
+            }
+        };
         if let NextHop::Addr(a) = &to
             && !self.is_safe(*a)
         {
+            unbook(paced);
             return Action::Drop(DropReason::UnsafeDestination);
         }
         // Sending a request straight back to where it came from is a loop (§16.3 step 4).
         if to == NextHop::Addr(inb.source) && req.method != Method::Ack {
+            unbook(paced);
             return self.reply(msg, &req, &via_edits, inb, refuse(482, "Loop Detected"));
         }
         // Our additions stay well under 600 bytes: only a message near the limit may need the
@@ -1124,28 +1147,45 @@ impl Core {
             },
             NextHop::Name { .. } => unreachable!("initial requests go to configured targets"),
         };
+        let at = now_ns + u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        let (_, trying) = self.answer(msg, req, via_edits, inb, &trying());
+        let slot = match self.shared.queue.entry(key) {
+            // A copy of it is already waiting (a retransmission that raced the first): one
+            // slot is enough.
+            dashmap::Entry::Occupied(_) => {
+                self.chain.release(&ask, &booked.taken);
+                return Action::Reply(100, trying);
+            }
+            dashmap::Entry::Vacant(slot) => slot,
+        };
         let trunk = self.chain.trunks()[t].stats.clone();
         trunk.queued();
-        self.shared.queue.insert(
+        slot.insert(Waiting {
+            since: now_ns,
+            at,
+            dialog: self.record_route.then(|| self.dialog_key(msg)),
+            forward,
+            invite: Bytes::copy_from_slice(msg.buf()),
+            source: inb.source,
+            transport: inb.transport,
+            listener: inb.listener,
+            conn: inb.conn,
+            target,
+            chain: self.chain.clone(),
+            ask,
+            taken: booked.taken,
+            trunk,
+            account: ask.account.map(|a| self.chain.accounts()[a].stats.clone()),
+        });
+        // Remembered until well past its slot (max_delay may exceed 64·T1).
+        self.shared.decisions.insert(
             key,
-            Waiting {
-                since: now_ns,
-                at: now_ns + u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX),
-                forward,
-                invite: Bytes::copy_from_slice(msg.buf()),
-                source: inb.source,
-                transport: inb.transport,
-                listener: inb.listener,
-                conn: inb.conn,
-                target,
-                chain: self.chain.clone(),
-                ask,
-                taken: booked.taken,
-                trunk,
-                account: ask.account.map(|a| self.chain.accounts()[a].stats.clone()),
+            now_ns,
+            Decision {
+                expires: at.saturating_add(DECISION_TTL.as_nanos() as u64),
+                verdict: Verdict::Queued,
             },
         );
-        let (_, trying) = self.answer(msg, req, via_edits, inb, &trying());
         Action::Queue(QueuedCall {
             key,
             at: now + wait,
@@ -1157,8 +1197,7 @@ impl Core {
     /// the INVITE is returned. `None` when it already left.
     fn cancel_waiting(&self, key: u64, now_ns: u64) -> Option<Outbound> {
         let (_, w) = self.shared.queue.remove(&key)?;
-        w.chain.release(&w.ask, &w.taken);
-        w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
+        self.unqueue(&w, now_ns);
         self.shared.decisions.insert(
             key,
             now_ns,
@@ -1171,6 +1210,28 @@ impl Core {
     }
 
     /// Answer a waiting INVITE from its stored bytes.
+    /// A waiting call leaves the queue without reaching the carrier: its cells go back (if
+    /// nothing is booked behind them), it is counted, and it is no longer followed.
+    fn unqueue(&self, w: &Waiting, now_ns: u64) {
+        w.chain.release(&w.ask, &w.taken);
+        w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
+        if let Some(d) = w.dialog {
+            self.shared.dialogs.remove(d);
+        }
+    }
+
+    /// Whether this request's transaction was decided before (its retransmissions get what the
+    /// first copy got).
+    fn known_transaction(&self, now: Instant, msg: &Message<'_>, req: &RequestView) -> bool {
+        let key = self.transaction_hash(b'd', msg, &req.top_via);
+        self.shared.queue.contains_key(&key)
+            || self
+                .shared
+                .decisions
+                .get(key, self.chain.epoch().ns(now), |d| d.verdict)
+                .is_some()
+    }
+
     fn answer_waiting(&self, w: &Waiting, code: u16, reason: &'static str) -> Option<Outbound> {
         let msg = Message::scan(&w.invite).ok()?;
         let req = RequestView::parse(&msg).ok()?;
@@ -1381,7 +1442,12 @@ impl Core {
         // RFC 3261 §17.2.3: a CANCEL and the retransmissions of an INVITE carry its top-Via
         // branch and sent-by.
         let key = self.transaction_hash(b'd', msg, &req.top_via);
-        let cached = self.shared.decisions.get(key, now_ns, |d| d.verdict);
+        // A waiting call is known by the queue itself, whatever the cache has forgotten.
+        let cached = if self.shared.queue.contains_key(&key) {
+            Some(Verdict::Queued)
+        } else {
+            self.shared.decisions.get(key, now_ns, |d| d.verdict)
+        };
         if req.method == Method::Ack {
             // The ACK of a non-2xx answer carries the INVITE's branch (§17.1.1.3).
             if let Some(Verdict::Forwarded(res)) = cached {
@@ -1402,7 +1468,7 @@ impl Core {
                     *hop = Hop::Target(res.resolved());
                     None
                 }
-                Some(Verdict::Terminated) => {
+                Some(Verdict::Terminated | Verdict::ShutDown) => {
                     Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
                 }
                 Some(Verdict::Queued) => match self.cancel_waiting(key, now_ns) {
@@ -1410,17 +1476,18 @@ impl Core {
                         let (_, ok) = self.answer(msg, req, via_edits, inb, &refuse(200, "OK"));
                         Some(Action::Cancelled(ok, terminated))
                     }
-                    // Released a moment ago: the CANCEL follows the INVITE.
-                    None => self
-                        .shared
-                        .decisions
-                        .get(key, now_ns, |d| d.verdict)
-                        .and_then(|v| {
-                            if let Verdict::Forwarded(res) = v {
-                                *hop = Hop::Target(res.resolved());
-                            }
+                    // It left the queue a moment ago: released (the CANCEL follows the
+                    // INVITE), or answered here (the CANCEL gets a 200).
+                    None => match self.shared.decisions.get(key, now_ns, |d| d.verdict) {
+                        Some(Verdict::Forwarded(res)) => {
+                            *hop = Hop::Target(res.resolved());
                             None
-                        }),
+                        }
+                        Some(Verdict::Terminated | Verdict::ShutDown) => {
+                            Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
+                        }
+                        _ => None,
+                    },
                 },
                 None => None,
             };
@@ -1445,6 +1512,9 @@ impl Core {
                     inb,
                     refuse(487, "Request Terminated"),
                 ));
+            }
+            Some(Verdict::ShutDown) => {
+                return Some(self.reply(msg, req, via_edits, inb, shutting_down()));
             }
             None => {}
         }
@@ -1585,18 +1655,17 @@ impl Core {
                 );
             }
         }
-        self.shared.decisions.insert(
-            key,
-            now_ns,
-            Decision {
-                expires,
-                verdict: if paced.is_some() {
-                    Verdict::Queued
-                } else {
-                    Verdict::Forwarded(CompactTarget::from_resolved(target))
+        // A paced call's verdict is written by `enqueue`, once it is in the queue.
+        if paced.is_none() {
+            self.shared.decisions.insert(
+                key,
+                now_ns,
+                Decision {
+                    expires,
+                    verdict: Verdict::Forwarded(CompactTarget::from_resolved(target)),
                 },
-            },
-        );
+            );
+        }
         None
     }
 

@@ -1670,3 +1670,67 @@ fn on_shutdown_waiting_calls_go_out_in_time_or_get_503() {
     }
     assert_eq!(p.queue_len(), 2);
 }
+
+#[test]
+fn draining_spares_retransmissions_and_answers_the_cancel_of_a_flushed_call() {
+    let t0 = Instant::now();
+    let p = paced(t0);
+    let (first, _) = forwarded(at(&p, &call(0), PBX, t0));
+    let _ = queued(at(&p, &call(1), PBX, t0));
+    let _ = queued(at(&p, &call(2), PBX, t0));
+    p.start_draining();
+    let late = t0 + Duration::from_millis(10);
+    // A new call is turned away; copies of calls decided before are not.
+    let (code, _, _) = replied(at(&p, &call(3), PBX, late));
+    assert_eq!(code, 503);
+    let (again, _) = forwarded(at(&p, &call(0), PBX, late));
+    assert_eq!(
+        again.data, first.data,
+        "the forwarded call's retransmission"
+    );
+    let (code, _, _) = replied(at(&p, &call(1), PBX, late));
+    assert_eq!(code, 100, "the waiting call's retransmission");
+    // The call at 200 ms is beyond a 150 ms drain: answered 503. Its retransmission gets the
+    // 503 again, its CANCEL a 200 — never forwarded to a carrier that never saw the INVITE.
+    assert_eq!(
+        p.flush_queue(late, t0 + Duration::from_millis(150)).len(),
+        1
+    );
+    let (code, _, _) = replied(at(&p, &call(2), PBX, late));
+    assert_eq!(code, 503);
+    let cancel = call(2)
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL");
+    let (code, _, _) = replied(at(&p, &cancel, PBX, late));
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn a_call_waiting_longer_than_the_decision_cache_remembers_is_still_known() {
+    let t0 = Instant::now();
+    // One call per 50 s: the second waits 50 s, longer than 64·T1 (32 s).
+    let cfg = PACED
+        .replace("rate = 10\n", "rate = 0.02\n")
+        .replace("max_delay = 1.0", "max_delay = 120.0");
+    let p = Proxy::new_at(
+        &Config::parse(&cfg, "test").expect("valid"),
+        test_listeners()[..1].to_vec(),
+        t0,
+    )
+    .expect("builds");
+    assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
+    let (q, _) = queued(at(&p, &call(1), PBX, t0));
+    assert_eq!(q.at, t0 + Duration::from_secs(50));
+    let t40 = t0 + Duration::from_secs(40);
+    p.sweep(t40);
+    let (code, _, _) = replied(at(&p, &call(1), PBX, t40));
+    assert_eq!(code, 100, "a retransmission at 40 s is not a new call");
+    let cancel = call(1)
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL");
+    assert!(
+        matches!(at(&p, &cancel, PBX, t40), Action::Cancelled(..)),
+        "a CANCEL at 40 s ends the waiting call"
+    );
+    assert!(p.release(q.key, q.at).is_none());
+}
