@@ -241,10 +241,12 @@ impl Gcra {
 
     /// Change rate and burst in place, keeping the cells already used: the debt (TAT ahead of
     /// now) is rescaled from the old interval to the new one, so a reload never grants a fresh
-    /// burst.
+    /// burst. With pacing reservations booked ahead (TAT beyond one burst from now), those
+    /// calls keep their instants, so the TAT never moves earlier: new calls are booked after
+    /// them, not among them.
     pub fn rescale(&self, now: Instant, limit: Limit) {
         let now = self.epoch.ns(now);
-        let (old_interval, _) = self.params.get();
+        let (old_interval, old_tolerance) = self.params.get();
         let (new_interval, _) = Params::split(limit);
         self.params.set(limit);
         let _ = self
@@ -254,7 +256,13 @@ impl Gcra {
                     return Some(cur);
                 }
                 let cells = (cur - now) as f64 / old_interval as f64;
-                Some(now + (cells * new_interval as f64).round() as u64)
+                let rescaled = now + (cells * new_interval as f64).round() as u64;
+                let booked_ahead = cur - now > old_tolerance + old_interval;
+                Some(if booked_ahead {
+                    rescaled.max(cur)
+                } else {
+                    rescaled
+                })
             });
     }
 
@@ -316,6 +324,42 @@ mod tests {
             .filter(|i| b.try_acquire(at(t0, *i)).is_ok())
             .count();
         assert_eq!(admitted, 20);
+    }
+
+    #[test]
+    fn a_rate_raised_while_calls_are_booked_ahead_books_after_them() {
+        let t0 = Instant::now();
+        let b = Gcra::new(
+            Limit {
+                rate: 10.0,
+                burst: 1,
+            },
+            Epoch::new(t0),
+        );
+        // Slots at 0, 100, ..., 400 ms.
+        for n in 0..5 {
+            assert_eq!(
+                b.reserve(t0, Duration::from_secs(1)),
+                Ok(Duration::from_millis(n * 100))
+            );
+        }
+        // Ten times the rate: the next call comes after the booked ones, not at 50 ms among
+        // them (the booked calls plus 100 CPS of new ones would exceed 101 in that second).
+        b.rescale(
+            t0,
+            Limit {
+                rate: 100.0,
+                burst: 1,
+            },
+        );
+        assert_eq!(
+            b.reserve(t0, Duration::from_secs(1)),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(
+            b.reserve(t0, Duration::from_secs(1)),
+            Ok(Duration::from_millis(510))
+        );
     }
 
     #[test]
