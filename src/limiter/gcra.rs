@@ -143,8 +143,9 @@ pub fn earliest(tat: &AtomicU64, p: &Params, now: u64) -> u64 {
 }
 
 /// Take one cell at time `t` if it conforms then (a reservation for pacing: every stage of a
-/// chain takes its cell at the same instant). Returns the TAT it left, for [`release`].
-pub fn take_at(tat: &AtomicU64, p: &Params, t: u64) -> Option<u64> {
+/// chain takes its cell at the same instant). Returns the TAT it found (or `t`, if later) and
+/// the TAT it left, for [`release`].
+pub fn take_at(tat: &AtomicU64, p: &Params, t: u64) -> Option<(u64, u64)> {
     let (interval, tolerance) = p.get();
     let mut cur = tat.load(Ordering::Acquire);
     loop {
@@ -154,26 +155,20 @@ pub fn take_at(tat: &AtomicU64, p: &Params, t: u64) -> Option<u64> {
         }
         let next = base.saturating_add(interval);
         match tat.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return Some(next),
+            Ok(_) => return Some((base, next)),
             Err(actual) => cur = actual,
         }
     }
 }
 
-/// Give back a cell [`take_at`] took, leaving `left` as TAT — only while no cell was taken
-/// after it. Refunding a reservation with later ones booked behind it would let a new call
+/// Give back a cell [`take_at`] took — only while the TAT is still the one it left (no cell
+/// taken after it, no rescale), back to the one it found. Refunding a reservation with later ones booked behind it would let a new call
 /// into the gap *and* keep the later ones at their slots: more than the rate for an instant.
 /// A slot that cannot be given back is skipped (the stream runs one cell under the rate),
 /// never doubled. True when the cell was given back.
-pub fn release(tat: &AtomicU64, p: &Params, left: u64) -> bool {
-    let (interval, _) = p.get();
-    tat.compare_exchange(
-        left,
-        left.saturating_sub(interval),
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    )
-    .is_ok()
+pub fn release(tat: &AtomicU64, (found, left): (u64, u64)) -> bool {
+    tat.compare_exchange(left, found, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
 }
 
 /// Undo exactly one admitted cell (a later stage refused the call).
@@ -230,13 +225,13 @@ impl Gcra {
     }
 
     /// Take one cell at `t` (ns since the epoch) if it conforms then; the TAT it left.
-    pub fn take_at(&self, t: u64) -> Option<u64> {
+    pub fn take_at(&self, t: u64) -> Option<(u64, u64)> {
         take_at(&self.tat, &self.params, t)
     }
 
     /// Give back the cell a `take_at` took if none was taken after it (see [`release`]).
-    pub fn release(&self, left: u64) -> bool {
-        release(&self.tat, &self.params, left)
+    pub fn release(&self, cell: (u64, u64)) -> bool {
+        release(&self.tat, cell)
     }
 
     /// Change rate and burst in place, keeping the cells already used: the debt (TAT ahead of

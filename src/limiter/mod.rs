@@ -94,8 +94,8 @@ pub struct Refused {
 pub struct Reservation {
     /// Time until the slot (zero: now).
     pub wait: Duration,
-    /// Each stage taken, with the TAT its cell left.
-    pub taken: Vec<(Stage, u64)>,
+    /// Each stage taken, with the TAT its cell found and the one it left.
+    pub taken: Vec<(Stage, (u64, u64))>,
 }
 
 /// Limits of one configuration, by name (names carry bucket state across reloads).
@@ -318,7 +318,7 @@ impl Chain {
                 });
             }
             // Take every stage at the same instant; undo on a lost race and look again.
-            let mut taken: Vec<(Stage, u64)> = Vec::with_capacity(stages.len());
+            let mut taken: Vec<(Stage, (u64, u64))> = Vec::with_capacity(stages.len());
             let ok = stages.iter().all(|(s, _)| {
                 let got = match s {
                     Stage::Trunk => match ask.first {
@@ -354,7 +354,7 @@ impl Chain {
 
     /// Give back the cells of a reservation (cancelled, refused at shutdown, or a lost race),
     /// each only if no later cell was taken in its bucket (see [`gcra::release`]).
-    pub fn release(&self, ask: &Ask, taken: &[(Stage, u64)]) {
+    pub fn release(&self, ask: &Ask, taken: &[(Stage, (u64, u64))]) {
         for &(s, left) in taken {
             match (s, ask.first) {
                 (Stage::Trunk, First::Trunk(t)) => {

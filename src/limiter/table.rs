@@ -223,7 +223,7 @@ impl KeyedBuckets {
     }
 
     /// Take one cell of `key` at `t` if it conforms then; the TAT it left.
-    pub fn take_at(&self, key: u64, now: u64, t: u64) -> Option<u64> {
+    pub fn take_at(&self, key: u64, now: u64, t: u64) -> Option<(u64, u64)> {
         self.buckets.with(
             key,
             now,
@@ -233,9 +233,9 @@ impl KeyedBuckets {
     }
 
     /// Give back the cell of `key` a `take_at` took if none was taken after it.
-    pub fn release(&self, key: u64, left: u64) -> bool {
+    pub fn release(&self, key: u64, cell: (u64, u64)) -> bool {
         self.buckets
-            .get(key, 0, |tat| gcra::release(tat, &self.params, left))
+            .get(key, 0, |tat| gcra::release(tat, cell))
             .unwrap_or(false)
     }
 
@@ -309,5 +309,29 @@ mod tests {
             let _ = t.try_acquire(k, 5_000_000_000 + k);
         }
         assert!(t.table().len() <= 100);
+    }
+
+    #[test]
+    fn a_released_reservation_goes_back_exactly_even_after_a_limit_change() {
+        const MS: u64 = 1_000_000;
+        let t = KeyedBuckets::new(
+            Limit {
+                rate: 10.0,
+                burst: 1,
+            },
+            100,
+        );
+        assert_eq!(t.take_at(7, 0, 0), Some((0, 100 * MS)));
+        let second = t.take_at(7, 0, 100 * MS).expect("conforms at 100 ms");
+        // A slower rate, then the second booking is cancelled: the bucket goes back to where
+        // that booking found it (next cell at 100 ms), not one new interval (1 s) back.
+        t.set_limit(Limit {
+            rate: 1.0,
+            burst: 1,
+        });
+        assert!(t.release(7, second));
+        assert_eq!(t.earliest(7, 0), 100 * MS);
+        // Only once: the TAT is no longer the one it left.
+        assert!(!t.release(7, second));
     }
 }

@@ -460,7 +460,7 @@ struct Waiting {
     /// The chain it reserved in, and the cells it took, to give the slot back.
     chain: Arc<Chain>,
     ask: Ask,
-    taken: Vec<(crate::limiter::Stage, u64)>,
+    taken: Vec<(crate::limiter::Stage, (u64, u64))>,
     trunk: Arc<crate::limiter::KeyStats>,
     account: Option<Arc<crate::limiter::KeyStats>>,
 }
