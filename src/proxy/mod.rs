@@ -1063,10 +1063,13 @@ impl Core {
                 }
             }
         };
-        // A slot booked for a call that goes nowhere is given back.
+        // A slot booked for a call that goes nowhere is given back, and the call not followed.
         let unbook = |paced: Option<(crate::limiter::Reservation, Ask)>| {
             if let Some((booked, ask)) = paced {
                 self.chain.release(&ask, &booked.taken);
+                if self.record_route {
+                    self.shared.dialogs.remove(self.dialog_key(msg));
+                }
             }
         };
         if let NextHop::Addr(a) = &to
@@ -1160,7 +1163,7 @@ impl Core {
         };
         let trunk = self.chain.trunks()[t].stats.clone();
         trunk.queued();
-        slot.insert(Waiting {
+        let entry = slot.insert(Waiting {
             since: now_ns,
             at,
             dialog: self.record_route.then(|| self.dialog_key(msg)),
@@ -1177,7 +1180,9 @@ impl Core {
             trunk,
             account: ask.account.map(|a| self.chain.accounts()[a].stats.clone()),
         });
-        // Remembered until well past its slot (max_delay may exceed 64·T1).
+        // Remembered until well past its slot (max_delay may exceed 64·T1); written while the
+        // entry is still held, so a CANCEL or the shutdown flush, which remove the entry
+        // before they write their own verdict, always come after this one.
         self.shared.decisions.insert(
             key,
             now_ns,
@@ -1186,6 +1191,7 @@ impl Core {
                 verdict: Verdict::Queued,
             },
         );
+        drop(entry);
         Action::Queue(QueuedCall {
             key,
             at: now + wait,
