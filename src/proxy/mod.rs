@@ -709,19 +709,7 @@ impl Proxy {
             .map(|e| *e.key())
             .collect();
         late.into_iter()
-            .filter_map(|key| {
-                let (_, w) = self.shared.queue.remove(&key)?;
-                core.unqueue(&w, now_ns);
-                self.shared.decisions.insert(
-                    key,
-                    now_ns,
-                    Decision {
-                        expires: now_ns.saturating_add(DECISION_TTL.as_nanos() as u64),
-                        verdict: Verdict::ShutDown,
-                    },
-                );
-                core.answer_waiting(&w, 503, SHUTTING_DOWN)
-            })
+            .filter_map(|key| core.end_waiting(key, now_ns, Verdict::ShutDown, 503, SHUTTING_DOWN))
             .collect()
     }
 
@@ -1202,28 +1190,36 @@ impl Core {
     /// Take a waiting call out of the queue for CANCEL: its slot goes back, and the 487 for
     /// the INVITE is returned. `None` when it already left.
     fn cancel_waiting(&self, key: u64, now_ns: u64) -> Option<Outbound> {
-        let (_, w) = self.shared.queue.remove(&key)?;
-        self.unqueue(&w, now_ns);
-        self.shared.decisions.insert(
-            key,
-            now_ns,
-            Decision {
-                expires: now_ns.saturating_add(DECISION_TTL.as_nanos() as u64),
-                verdict: Verdict::Terminated,
-            },
-        );
-        self.answer_waiting(&w, 487, "Request Terminated")
+        self.end_waiting(key, now_ns, Verdict::Terminated, 487, "Request Terminated")
     }
 
-    /// Answer a waiting INVITE from its stored bytes.
     /// A waiting call leaves the queue without reaching the carrier: its cells go back (if
-    /// nothing is booked behind them), it is counted, and it is no longer followed.
-    fn unqueue(&self, w: &Waiting, now_ns: u64) {
+    /// nothing is booked behind them), it is counted and no longer followed, `verdict` answers
+    /// its retransmissions and CANCEL, and the answer to the INVITE is returned. `None` when
+    /// it already left.
+    fn end_waiting(
+        &self,
+        key: u64,
+        now_ns: u64,
+        verdict: Verdict,
+        code: u16,
+        reason: &'static str,
+    ) -> Option<Outbound> {
+        let (_, w) = self.shared.queue.remove(&key)?;
         w.chain.release(&w.ask, &w.taken);
         w.trunk.dequeued(now_ns.saturating_sub(w.since), false);
         if let Some(d) = w.dialog {
             self.shared.dialogs.remove(d);
         }
+        self.shared.decisions.insert(
+            key,
+            now_ns,
+            Decision {
+                expires: now_ns.saturating_add(DECISION_TTL.as_nanos() as u64),
+                verdict,
+            },
+        );
+        self.answer_waiting(&w, code, reason)
     }
 
     /// Whether this request's transaction was decided before (its retransmissions get what the
@@ -1238,6 +1234,7 @@ impl Core {
                 .is_some()
     }
 
+    /// Answer a waiting INVITE from its stored bytes.
     fn answer_waiting(&self, w: &Waiting, code: u16, reason: &'static str) -> Option<Outbound> {
         let msg = Message::scan(&w.invite).ok()?;
         let req = RequestView::parse(&msg).ok()?;
