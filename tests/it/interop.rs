@@ -218,6 +218,52 @@ async fn counting_uas(
     }
 }
 
+/// SIPp playing `tests/interop/uac_cps.xml` from `127.0.0.1:port` towards the gate: `calls`
+/// calls offered at `rate` CPS to trunk `service` (the Request-URI user); 503s count as
+/// finished calls.
+fn uac_cps(
+    gate: SocketAddr,
+    port: u16,
+    service: &str,
+    calls: u32,
+    rate: u32,
+) -> impl std::future::Future<Output = std::io::Result<std::process::Output>> {
+    Command::new("sipp")
+        .args([
+            "-sf",
+            &format!("{}/tests/interop/uac_cps.xml", env!("CARGO_MANIFEST_DIR")),
+        ])
+        .args([
+            &gate.to_string(),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-s",
+            service,
+        ])
+        .args([
+            "-m",
+            &calls.to_string(),
+            "-r",
+            &rate.to_string(),
+            "-l",
+            "1000",
+        ])
+        .args([
+            "-nostdin",
+            "-timeout",
+            "90s",
+            "-timeout_error",
+            "-trace_err",
+        ])
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+}
+
 /// Admitted calls per fixed 1-second window from the first arrival.
 fn per_second(times: &[std::time::Instant], start: std::time::Instant) -> Vec<u32> {
     let mut w = Vec::new();
@@ -281,43 +327,10 @@ match = {{ sources = ["127.0.0.1:{p2}"] }}
     let gate = TestGate::start(&cfg).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let carrier = tokio::spawn(counting_uas(uas, stop.clone()));
-    let uac = |port: u16, trunk: &str| {
-        Command::new("sipp")
-            .args([
-                "-sf",
-                &format!("{}/tests/interop/uac_cps.xml", env!("CARGO_MANIFEST_DIR")),
-            ])
-            .args([
-                &gate.udp.to_string(),
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-s",
-                trunk,
-            ])
-            .args([
-                "-m",
-                &CALLS.to_string(),
-                "-r",
-                &OFFERED.to_string(),
-                "-l",
-                "1000",
-            ])
-            .args([
-                "-nostdin",
-                "-timeout",
-                "90s",
-                "-timeout_error",
-                "-trace_err",
-            ])
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output()
-    };
-    let (a, b) = tokio::join!(uac(p1, "one"), uac(p2, "two"));
+    let (a, b) = tokio::join!(
+        uac_cps(gate.udp, p1, "one", CALLS, OFFERED),
+        uac_cps(gate.udp, p2, "two", CALLS, OFFERED)
+    );
     stop.cancel();
     let arrivals = carrier.await.expect("uas");
     let refused = gate.stats.rejected(cpsgate::limiter::Stage::Trunk)
@@ -441,33 +454,7 @@ match = {{ sources = ["127.0.0.1:{port}"] }}
     let gate = TestGate::start(&cfg).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let carrier = tokio::spawn(counting_uas(uas, stop.clone()));
-    let out = Command::new("sipp")
-        .args([
-            "-sf",
-            &format!("{}/tests/interop/uac_cps.xml", env!("CARGO_MANIFEST_DIR")),
-        ])
-        .args([
-            &gate.udp.to_string(),
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-s",
-            "paced",
-        ])
-        .args(["-m", &calls.to_string(), "-r", "1000", "-l", "1000"])
-        .args([
-            "-nostdin",
-            "-timeout",
-            "60s",
-            "-timeout_error",
-            "-trace_err",
-        ])
-        .current_dir(std::env::temp_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
+    let out = uac_cps(gate.udp, port, "paced", calls, 1000)
         .await
         .expect("sipp runs");
     stop.cancel();
