@@ -110,30 +110,6 @@ pub fn acquire(tat: &AtomicU64, p: &Params, now: u64) -> Result<(), Duration> {
     }
 }
 
-/// Reserve the next conforming slot if it comes within `max_wait`: `Ok(delay)` until the cell
-/// may go (zero when it conforms now), `Err(wait)` when the slot is further away.
-pub fn reserve(
-    tat: &AtomicU64,
-    p: &Params,
-    now: u64,
-    max_wait: Duration,
-) -> Result<Duration, Duration> {
-    let (interval, tolerance) = p.get();
-    let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
-    let mut cur = tat.load(Ordering::Acquire);
-    loop {
-        let base = cur.max(now);
-        let delay = (base - now).saturating_sub(tolerance);
-        if delay > max_wait {
-            return Err(Duration::from_nanos(delay));
-        }
-        match tat.compare_exchange_weak(cur, base + interval, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return Ok(Duration::from_nanos(delay)),
-            Err(actual) => cur = actual,
-        }
-    }
-}
-
 /// The earliest time (ns, not before `now`) at which a cell would conform.
 pub fn earliest(tat: &AtomicU64, p: &Params, now: u64) -> u64 {
     let (_, tolerance) = p.get();
@@ -213,12 +189,6 @@ impl Gcra {
         refund(&self.tat, &self.params);
     }
 
-    /// Reserve the next slot within `max_wait` (pacing): the delay until it, or the wait that
-    /// exceeded `max_wait`.
-    pub fn reserve(&self, now: Instant, max_wait: Duration) -> Result<Duration, Duration> {
-        reserve(&self.tat, &self.params, self.epoch.ns(now), max_wait)
-    }
-
     /// The earliest time (ns since the epoch, not before `now`) at which a cell would conform.
     pub fn earliest(&self, now: Instant) -> u64 {
         earliest(&self.tat, &self.params, self.epoch.ns(now))
@@ -279,6 +249,21 @@ impl Gcra {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    impl Gcra {
+        /// Book the next slot within `max_wait` the way `Chain::reserve` does for one stage
+        /// (`earliest`, then `take_at` there): the delay until it, or the wait beyond.
+        fn reserve(&self, now: Instant, max_wait: Duration) -> Result<Duration, Duration> {
+            let now = self.epoch.ns(now);
+            let at = earliest(&self.tat, &self.params, now);
+            let wait = Duration::from_nanos(at - now);
+            if wait > max_wait {
+                return Err(wait);
+            }
+            take_at(&self.tat, &self.params, at).expect("conforms at its earliest instant");
+            Ok(wait)
+        }
+    }
 
     fn at(base: Instant, ms: u64) -> Instant {
         base + Duration::from_millis(ms)
