@@ -27,6 +27,7 @@ const PORT_ATTEMPTS: usize = 16;
 /// A gate whose sockets are bound but not yet served.
 pub struct Gate {
     alerts: Option<Arc<crate::alerts::Alerts>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     proxy: Arc<Proxy>,
     admin: Option<(TcpListener, Option<String>)>,
     ready: Arc<std::sync::atomic::AtomicBool>,
@@ -99,6 +100,11 @@ impl Gate {
             .alerts
             .clone()
             .map(|a| crate::alerts::Alerts::start(a, proxy.clone(), cancel.clone(), &tracker));
+        // Redis is connected lazily: a gate starts (under its failure policy) without it.
+        let cluster = match &cfg.cluster {
+            Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c)?)),
+            None => None,
+        };
         let shell = Shell::new(
             proxy.clone(),
             stats.clone(),
@@ -106,7 +112,7 @@ impl Gate {
             (cfg.tcp, cfg.proxy.max_message_size),
             cancel.clone(),
             tracker.clone(),
-            alerts.clone(),
+            (alerts.clone(), cluster.clone()),
         );
         let admin = match &cfg.admin {
             Some(a) => Some((
@@ -119,6 +125,7 @@ impl Gate {
         };
         Ok(Self {
             alerts,
+            cluster,
             proxy,
             admin,
             ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -155,6 +162,11 @@ impl Gate {
     /// Notify this to reload the configuration file now.
     pub fn reload_trigger(&self) -> Arc<Notify> {
         self.reload.clone()
+    }
+
+    /// The Redis client, when `[cluster]` is configured (for its counters).
+    pub fn cluster(&self) -> Option<Arc<crate::cluster::Cluster>> {
+        self.cluster.clone()
     }
 
     /// The alert handle, when `[alerts]` is configured (for its counters).
@@ -221,7 +233,8 @@ impl Gate {
                 self.ready.clone(),
                 reloader,
                 self.alerts.clone(),
-            );
+            )
+            .with_cluster(self.cluster.clone());
             self.tracker
                 .spawn(crate::admin::serve(listener, state, self.cancel.clone()));
         }

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod alerts;
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod limiter;
 pub mod proxy;

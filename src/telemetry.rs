@@ -228,8 +228,13 @@ impl RejectLog {
 impl Stats {
     /// Count one decision of the core; log refusals (rate-limited per key) and drops (debug).
     pub fn record(&self, action: &Action, source: SocketAddr, transport: Transport) {
+        // A call sent to Redis is counted once, with what was finally done with it.
+        if matches!(action, Action::Consult(_)) {
+            return;
+        }
         self.received.fetch_add(1, Ordering::Relaxed);
         match action {
+            Action::Consult(_) => {}
             Action::Forward(out) => {
                 self.forwarded.fetch_add(1, Ordering::Relaxed);
                 if let Some(rest) = out.data.strip_prefix(b"SIP/2.0 ")

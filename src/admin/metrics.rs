@@ -439,3 +439,102 @@ pub fn render_alerts(out: &mut String, a: &crate::alerts::Alerts) {
     }
     *out = o.0;
 }
+
+/// The cluster client's counters.
+pub fn render_cluster(out: &mut String, c: &crate::cluster::Cluster) {
+    use crate::cluster::{Failure, Fallback, ROUNDTRIP_BOUNDS_US};
+    let st = &c.stats;
+    let mut o = Out(std::mem::take(out));
+    o.family(
+        "cpsgate_cluster_decisions_total",
+        "counter",
+        "Shared-bucket decisions Redis made, by result.",
+    );
+    for (result, n) in [("admitted", &st.admitted), ("refused", &st.refused)] {
+        o.sample(
+            "cpsgate_cluster_decisions_total",
+            &[("result", result)],
+            n.load(Ordering::Relaxed),
+        );
+    }
+    o.family(
+        "cpsgate_cluster_failures_total",
+        "counter",
+        "Shared-bucket decisions Redis did not make, by reason (timeout, error, down: not asked after a failure, busy: too many under way).",
+    );
+    for f in Failure::ALL {
+        o.sample(
+            "cpsgate_cluster_failures_total",
+            &[("reason", f.as_str())],
+            st.failures(f),
+        );
+    }
+    o.family(
+        "cpsgate_cluster_fallback_total",
+        "counter",
+        "Calls the failure policy decided while Redis did not answer, by policy and outcome.",
+    );
+    for f in Fallback::ALL {
+        let (policy, outcome) = f.labels();
+        o.sample(
+            "cpsgate_cluster_fallback_total",
+            &[("policy", policy), ("outcome", outcome)],
+            st.fallbacks(f),
+        );
+    }
+    o.family(
+        "cpsgate_cluster_refunds_total",
+        "counter",
+        "Shared cells given back because a later local stage refused the call.",
+    );
+    o.sample(
+        "cpsgate_cluster_refunds_total",
+        &[],
+        st.refunds.load(Ordering::Relaxed),
+    );
+    o.family(
+        "cpsgate_cluster_up",
+        "gauge",
+        "1 while Redis answers; 0 while the failure policy decides.",
+    );
+    o.sample(
+        "cpsgate_cluster_up",
+        &[],
+        u8::from(st.up.load(Ordering::Relaxed)),
+    );
+    o.family(
+        "cpsgate_cluster_recoveries_total",
+        "counter",
+        "Times the shared mode resumed after Redis came back.",
+    );
+    o.sample(
+        "cpsgate_cluster_recoveries_total",
+        &[],
+        st.recoveries.load(Ordering::Relaxed),
+    );
+    o.family(
+        "cpsgate_cluster_roundtrip_seconds",
+        "histogram",
+        "Time of one Redis decision (script round trip).",
+    );
+    let (buckets, sum_us) = st.roundtrips();
+    let mut cumulative = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        cumulative += n;
+        let le = ROUNDTRIP_BOUNDS_US
+            .get(i)
+            .map_or_else(|| "+Inf".to_owned(), |b| format!("{}", *b as f64 / 1e6));
+        o.sample(
+            "cpsgate_cluster_roundtrip_seconds_bucket",
+            &[("le", &le)],
+            cumulative,
+        );
+    }
+    o.sample(
+        "cpsgate_cluster_roundtrip_seconds_sum",
+        &[],
+        format!("{}", sum_us as f64 / 1e6),
+    );
+    o.sample("cpsgate_cluster_roundtrip_seconds_count", &[], cumulative);
+    *out = o.0;
+}

@@ -48,6 +48,7 @@ pub struct AdminState {
     reloader: Option<Reloader>,
     limiter: Gcra,
     alerts: Option<Arc<crate::alerts::Alerts>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AdminState {
@@ -60,6 +61,20 @@ impl AdminState {
         reloader: Option<Reloader>,
     ) -> Arc<Self> {
         Self::with_alerts(proxy, stats, token, ready, reloader, None)
+    }
+
+    /// This state with the cluster client, whose counters `/metrics` then exports.
+    pub fn with_cluster(
+        self: Arc<Self>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut s) => {
+                s.cluster = cluster;
+                Arc::new(s)
+            }
+            Err(shared) => shared,
+        }
     }
 
     /// [`AdminState::new`] with the alert handle, whose counters `/metrics` then exports.
@@ -81,6 +96,7 @@ impl AdminState {
             reloader,
             limiter: Gcra::new(API_LIMIT, Epoch::new(started)),
             alerts,
+            cluster: None,
         })
     }
 }
@@ -222,6 +238,9 @@ async fn metrics_text(State(s): State<Arc<AdminState>>) -> Response {
     let mut body = metrics::render(&s.stats, &s.proxy, Instant::now());
     if let Some(a) = &s.alerts {
         metrics::render_alerts(&mut body, a);
+    }
+    if let Some(c) = &s.cluster {
+        metrics::render_cluster(&mut body, c);
     }
     (
         [(

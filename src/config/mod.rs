@@ -50,10 +50,49 @@ pub struct Config {
     pub alerts: Option<AlertSettings>,
     /// The traffic profile.
     pub usage: UsageSettings,
+    /// Shared buckets in Redis, when `[cluster]` is present.
+    pub cluster: Option<ClusterConfig>,
     /// A digest of the file's text (shown by the admin API, changes with every edit).
     pub digest: String,
     /// Legal but risky choices, logged at start and printed by `check-config`.
     pub warnings: Vec<String>,
+}
+
+/// `[cluster]`: buckets shared with other gates through Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Redis servers, in order of preference (each a `redis://` URL).
+    pub urls: Vec<String>,
+    /// Longest a call waits for Redis before the failure policy decides.
+    pub timeout: std::time::Duration,
+    /// What decides while Redis does not answer.
+    pub on_failure: FailurePolicy,
+    /// Gates expected to share the pools (`local_share` enforces rate ÷ instances here).
+    pub instances: u32,
+    /// Prefix of the Redis keys (`<prefix>account:<name>`, `<prefix>trunk:<name>`).
+    pub key_prefix: String,
+}
+
+/// `cluster.on_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Each gate enforces its share of the limit (rate ÷ instances) locally.
+    LocalShare,
+    /// Admit without the shared check (the local stages still apply).
+    Open,
+    /// Refuse calls that need the shared check.
+    Closed,
+}
+
+impl FailurePolicy {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::LocalShare => "local_share",
+            FailurePolicy::Open => "open",
+            FailurePolicy::Closed => "closed",
+        }
+    }
 }
 
 /// `[usage]`.
@@ -239,6 +278,8 @@ pub struct Account {
     pub limit: Limit,
     /// `on_limit = "queue"`: the pacing its trunks take unless they set their own `on_limit`.
     pub pacing: Option<Pacing>,
+    /// `shared = true`: one pool for every gate of the cluster, kept in Redis.
+    pub shared: bool,
 }
 
 /// How a trunk is recognised; every given criterion must hold.
@@ -267,6 +308,8 @@ pub struct Trunk {
     pub matcher: TrunkMatch,
     /// `on_limit = "queue"`: pace calls over the limit instead of refusing them.
     pub pacing: Option<Pacing>,
+    /// `shared = true`: one bucket for every gate of the cluster, kept in Redis.
+    pub shared: bool,
 }
 
 /// Pacing of a trunk (`on_limit = "queue"`).
@@ -383,6 +426,7 @@ struct RawDoc {
     admin: Option<raw::Admin>,
     alerts: Option<raw::Alerts>,
     usage: raw::Usage,
+    cluster: Option<raw::Cluster>,
 }
 
 impl<'t> Validator<'t> {
@@ -490,11 +534,12 @@ impl<'t> Validator<'t> {
                 "admin" => doc.admin = Some(self.section(key, v).unwrap_or_default()),
                 "alerts" => doc.alerts = self.section(key, v),
                 "usage" => doc.usage = self.section(key, v).unwrap_or_default(),
+                "cluster" => doc.cluster = self.section(key, v),
                 other => self.err(
                     k.span(),
                     other,
                     "",
-                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin, alerts, usage)",
+                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin, alerts, usage, cluster)",
                 ),
             }
         }
@@ -528,6 +573,7 @@ impl<'t> Validator<'t> {
                     name: a.name.get_ref().clone(),
                     limit,
                     pacing,
+                    shared: a.shared.as_ref().is_some_and(|s| *s.get_ref()),
                 })
             })
             .collect();
@@ -604,6 +650,8 @@ impl<'t> Validator<'t> {
         let reply = self.reply(&doc.reply);
         let admin = doc.admin.as_ref().map(|a| self.admin(a));
         let alerts = doc.alerts.as_ref().and_then(|a| self.alerts(a));
+        let cluster = doc.cluster.as_ref().and_then(|c| self.cluster(c));
+        self.check_shared(&doc, &accounts, &trunks, cluster.is_some());
         let usage = UsageSettings {
             period_secs: self.size(
                 "usage.period_secs",
@@ -643,6 +691,7 @@ impl<'t> Validator<'t> {
             admin,
             alerts,
             usage,
+            cluster,
             digest: digest(self.text),
             warnings,
         })
@@ -748,6 +797,131 @@ impl<'t> Validator<'t> {
                     "must be an http:// URL (for HTTPS, point it at a local relay)",
                 );
                 None
+            }
+        }
+    }
+
+    fn cluster(&mut self, c: &raw::Cluster) -> Option<ClusterConfig> {
+        let mut urls = Vec::new();
+        for (i, u) in c.urls.get_ref().iter().enumerate() {
+            let url = u.get_ref();
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("redis+unix://");
+            if !scheme_ok || redis::Client::open(url.as_str()).is_err() {
+                // The value may hold a password: shown without it.
+                self.err(
+                    u.span(),
+                    format!("cluster.urls[{i}]"),
+                    format!("{:?}", crate::cluster::redact(url)),
+                    "must be a redis:// URL, e.g. \"redis://127.0.0.1:6379/0\"",
+                );
+            } else {
+                urls.push(url.clone());
+            }
+        }
+        if c.urls.get_ref().is_empty() {
+            self.err(
+                c.urls.span(),
+                "cluster.urls",
+                "[]",
+                "must name at least one Redis server",
+            );
+        }
+        let timeout = self.size("cluster.timeout_ms", c.timeout_ms.as_ref(), 20, 1..=1000);
+        let instances = self.size("cluster.instances", c.instances.as_ref(), 2, 1..=64);
+        let on_failure = match c.on_failure.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("local_share") => FailurePolicy::LocalShare,
+            Some("open") => FailurePolicy::Open,
+            Some("closed") => FailurePolicy::Closed,
+            Some(_) => {
+                let s = c.on_failure.as_ref().expect("matched Some");
+                self.err_at(
+                    s,
+                    "cluster.on_failure",
+                    "must be \"local_share\", \"open\" or \"closed\"",
+                );
+                FailurePolicy::LocalShare
+            }
+        };
+        let key_prefix = match &c.key_prefix {
+            None => "cpsgate:".to_owned(),
+            Some(p) => {
+                let ok = !p.get_ref().is_empty()
+                    && p.get_ref().len() <= 64
+                    && p.get_ref().bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    self.err_at(
+                        p,
+                        "cluster.key_prefix",
+                        "must be 1 to 64 printable characters without spaces",
+                    );
+                }
+                p.get_ref().clone()
+            }
+        };
+        (!urls.is_empty()).then(|| ClusterConfig {
+            urls,
+            timeout: std::time::Duration::from_millis(timeout as u64),
+            on_failure,
+            instances: instances as u32,
+            key_prefix,
+        })
+    }
+
+    /// `shared = true` needs `[cluster]`; a paced trunk cannot book a slot in a shared bucket.
+    fn check_shared(
+        &mut self,
+        doc: &RawDoc,
+        accounts: &[Account],
+        trunks: &[Trunk],
+        cluster: bool,
+    ) {
+        let shared_flags = doc
+            .account
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("account[{i}].shared"), &a.shared))
+            .chain(
+                doc.trunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("trunk[{i}].shared"), &t.shared)),
+            );
+        let mut flagged = Vec::new();
+        for (key, flag) in shared_flags {
+            if let Some(f) = flag
+                && *f.get_ref()
+            {
+                flagged.push((key, f.span()));
+            }
+        }
+        if !cluster && doc.cluster.is_none() {
+            for (key, span) in flagged {
+                self.err(
+                    span,
+                    key,
+                    "true",
+                    "needs a [cluster] section (the Redis servers)",
+                );
+            }
+        }
+        for t in trunks {
+            let account_shared = t
+                .account
+                .and_then(|a| accounts.get(a))
+                .is_some_and(|a| a.shared);
+            if t.pacing.is_some() && (t.shared || account_shared) {
+                let i = doc
+                    .trunk
+                    .iter()
+                    .position(|r| r.name.get_ref() == &t.name)
+                    .unwrap_or(0);
+                let span = doc.trunk.get(i).map_or(0..0, |r| r.name.span());
+                self.err(
+                    span,
+                    format!("trunk[{i}].on_limit"),
+                    "\"queue\"",
+                    "pacing books a slot ahead in every bucket of the call, which a shared bucket cannot do yet: use on_limit = \"reject\" on trunks whose bucket or account is shared",
+                );
             }
         }
     }
@@ -1205,6 +1379,7 @@ impl<'t> Validator<'t> {
             limit: limit?,
             matcher,
             pacing,
+            shared: t.shared.as_ref().is_some_and(|s| *s.get_ref()),
         })
     }
 

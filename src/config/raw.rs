@@ -77,6 +77,7 @@ pub struct Account {
     pub on_limit: Option<Spanned<String>>,
     pub max_delay: Option<Spanned<f64>>,
     pub max_queue: Option<Spanned<i64>>,
+    pub shared: Option<Spanned<bool>>,
 }
 
 /// `[trunk.match.header]`.
@@ -108,6 +109,7 @@ pub struct Trunk {
     pub on_limit: Option<Spanned<String>>,
     pub max_delay: Option<Spanned<f64>>,
     pub max_queue: Option<Spanned<i64>>,
+    pub shared: Option<Spanned<bool>>,
     #[serde(rename = "match")]
     pub matcher: Spanned<Match>,
 }
@@ -188,4 +190,15 @@ pub struct Usage {
     pub period_secs: Option<Spanned<i64>>,
     pub dialog_table_size: Option<Spanned<i64>>,
     pub max_call_secs: Option<Spanned<i64>>,
+}
+
+/// `[cluster]`: shared buckets in Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub urls: Spanned<Vec<Spanned<String>>>,
+    pub timeout_ms: Option<Spanned<i64>>,
+    pub on_failure: Option<Spanned<String>>,
+    pub instances: Option<Spanned<i64>>,
+    pub key_prefix: Option<Spanned<String>>,
 }

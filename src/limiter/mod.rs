@@ -13,7 +13,7 @@ pub mod usage;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use gcra::{Epoch, Gcra, Limit};
+pub use gcra::{Epoch, Gcra, Limit, Params};
 pub use table::{BoundedMap, Expiring, KeyedBuckets};
 pub use usage::{KeyStats, QUEUE_DELAY_BOUNDS_MS, Usage};
 
@@ -56,6 +56,43 @@ impl Stage {
     /// Position in [`Stage::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// A set of stages (to run part of the chain: the local stages of a call whose other stages are
+/// shared through Redis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stages(u8);
+
+impl Stages {
+    /// Every stage.
+    pub const ALL: Stages = Stages(0b1_1111);
+    /// No stage.
+    pub const NONE: Stages = Stages(0);
+
+    /// Just `stage`.
+    pub fn of(stage: Stage) -> Self {
+        Stages(1 << stage.index())
+    }
+
+    /// This set and `stage`.
+    pub fn with(self, stage: Stage) -> Self {
+        Stages(self.0 | 1 << stage.index())
+    }
+
+    /// This set without `stage`.
+    pub fn without(self, stage: Stage) -> Self {
+        Stages(self.0 & !(1 << stage.index()))
+    }
+
+    /// True when `stage` is in the set.
+    pub fn has(self, stage: Stage) -> bool {
+        self.0 & 1 << stage.index() != 0
+    }
+
+    /// True when the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 }
 
@@ -229,53 +266,75 @@ impl Chain {
 
     /// Run one call through every stage, all or none.
     pub fn admit(&self, now: Instant, ask: &Ask) -> Result<(), Refused> {
+        self.admit_stages(now, ask, Stages::ALL)
+    }
+
+    /// Run one call through the stages in `only`, in chain order, all or none: a stage that
+    /// admitted is refunded when a later one refuses.
+    pub fn admit_stages(&self, now: Instant, ask: &Ask, only: Stages) -> Result<(), Refused> {
         let ns = self.epoch.ns(now);
-        let refused = |stage, retry_after| Refused { stage, retry_after };
-        match ask.first {
-            First::Trunk(t) => self.trunks[t]
-                .bucket
-                .try_acquire(now)
-                .map_err(|w| refused(Stage::Trunk, w))?,
-            First::Source(k) => self
-                .sources
-                .try_acquire(k, ns)
-                .map_err(|w| refused(Stage::Source, w))?,
-        }
-        let undo_first = || match ask.first {
-            First::Trunk(t) => self.trunks[t].bucket.refund(),
-            First::Source(k) => self.sources.refund(k),
-        };
-        let user = ask.username.zip(self.usernames.as_ref());
-        if let Some((k, table)) = user
-            && let Err(w) = table.try_acquire(k, ns)
-        {
-            undo_first();
-            return Err(refused(Stage::Username, w));
-        }
-        let undo_user = || {
-            if let Some((k, table)) = user {
-                table.refund(k);
+        let mut taken = Stages::NONE;
+        for stage in Stage::ALL {
+            if !only.has(stage) {
+                continue;
             }
-        };
-        let account = ask.account.map(|a| &self.accounts[a].bucket);
-        if let Some(pool) = account
-            && let Err(w) = pool.try_acquire(now)
-        {
-            undo_user();
-            undo_first();
-            return Err(refused(Stage::Account, w));
-        }
-        if let Some(g) = &self.global
-            && let Err(w) = g.try_acquire(now)
-        {
-            if let Some(pool) = account {
-                pool.refund();
+            let got = match stage {
+                Stage::Trunk => match ask.first {
+                    First::Trunk(t) => Some(self.trunks[t].bucket.try_acquire(now)),
+                    First::Source(_) => None,
+                },
+                Stage::Source => match ask.first {
+                    First::Source(k) => Some(self.sources.try_acquire(k, ns)),
+                    First::Trunk(_) => None,
+                },
+                Stage::Username => ask
+                    .username
+                    .zip(self.usernames.as_ref())
+                    .map(|(k, table)| table.try_acquire(k, ns)),
+                Stage::Account => ask
+                    .account
+                    .map(|a| self.accounts[a].bucket.try_acquire(now)),
+                Stage::Global => self.global.as_ref().map(|g| g.try_acquire(now)),
+            };
+            match got {
+                None => {}
+                Some(Ok(())) => taken = taken.with(stage),
+                Some(Err(retry_after)) => {
+                    self.refund_stages(ask, taken);
+                    return Err(Refused { stage, retry_after });
+                }
             }
-            undo_user();
-            undo_first();
-            return Err(refused(Stage::Global, w));
         }
         Ok(())
+    }
+
+    /// Give back the cell each stage in `only` took for `ask` with [`Chain::admit_stages`].
+    pub fn refund_stages(&self, ask: &Ask, only: Stages) {
+        if only.has(Stage::Trunk)
+            && let First::Trunk(t) = ask.first
+        {
+            self.trunks[t].bucket.refund();
+        }
+        if only.has(Stage::Source)
+            && let First::Source(k) = ask.first
+        {
+            self.sources.refund(k);
+        }
+        if only.has(Stage::Username)
+            && let Some((k, table)) = ask.username.zip(self.usernames.as_ref())
+        {
+            table.refund(k);
+        }
+        if only.has(Stage::Account)
+            && let Some(a) = ask.account
+        {
+            self.accounts[a].bucket.refund();
+        }
+        if only.has(Stage::Global)
+            && let Some(g) = &self.global
+        {
+            g.refund();
+        }
     }
 
     /// Reserve, for a call that may wait up to `max_wait`, the earliest instant at which every

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use siphasher::sip::SipHasher13;
 
-use crate::config::{Config, Target, UnknownSources};
-use crate::limiter::{Ask, BoundedMap, Chain, ChainSpec, Epoch, Expiring, First, Stage};
+use crate::config::{Config, FailurePolicy, Target, UnknownSources};
+use crate::limiter::{Ask, BoundedMap, Chain, ChainSpec, Epoch, Expiring, First, Stage, Stages};
 use crate::routing::{Origin, Routes, sip_username};
 use crate::sip::{
     Edits, HeaderName, Host, Message, Method, NameAddr, RequestView, ResponseSpec, Rport, Scheme,
@@ -102,6 +102,64 @@ pub enum Action {
     Absorb,
     /// Not processed; count it.
     Drop(DropReason),
+    /// A call whose local stages admitted it and whose shared buckets must be asked in Redis:
+    /// ask (within the decision timeout), then give the outcome to [`Proxy::settle`].
+    Consult(Box<Consult>),
+}
+
+/// A call waiting for its shared-bucket decision. Everything needed to finish it travels with
+/// it, including the configuration it was decided on.
+#[derive(Debug, Clone)]
+pub struct Consult {
+    /// The shared buckets to take one cell in, all or none, in chain order.
+    pub buckets: Vec<crate::cluster::Bucket>,
+    forward: Outbound,
+    pending: Pending,
+}
+
+impl Consult {
+    /// Where the INVITE came from, and over what.
+    pub fn origin(&self) -> (SocketAddr, Transport) {
+        (self.pending.source, self.pending.transport)
+    }
+}
+
+impl PartialEq for Consult {
+    fn eq(&self, other: &Self) -> bool {
+        self.buckets == other.buckets
+            && self.forward == other.forward
+            && self.pending.key == other.pending.key
+    }
+}
+
+impl Eq for Consult {}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    core: Option<Arc<Core>>,
+    ask: Ask,
+    /// Stages kept in Redis, and the local ones already taken.
+    shared: Stages,
+    taken: Stages,
+    key: u64,
+    target: CompactTarget,
+    origin: Origin,
+    invite: Bytes,
+    source: SocketAddr,
+    transport: Transport,
+    listener: usize,
+    conn: Option<ConnId>,
+}
+
+/// What [`Proxy::settle`] decided for a [`Consult`].
+#[derive(Debug)]
+pub struct Settled {
+    /// What to send: the forward, or the refusal.
+    pub action: Action,
+    /// The failure policy's decision, when Redis gave no answer.
+    pub fallback: Option<crate::cluster::Fallback>,
+    /// Cells Redis gave that must go back (a later local stage refused): send them with cost −1.
+    pub refund: Option<Vec<crate::cluster::Bucket>>,
 }
 
 /// A paced INVITE the shell must release at its slot.
@@ -133,11 +191,14 @@ pub enum DropReason {
     UnsafeDestination,
     /// An unsupported transport in the next hop.
     UnsupportedTransport,
+    /// A retransmission, or a CANCEL, of an INVITE whose shared-pool decision is under way
+    /// (the answer to the first copy is coming; a UDP CANCEL is retransmitted by its sender).
+    Pending,
 }
 
 impl DropReason {
     /// Every reason, for metric registration.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         Self::NotSip,
         Self::Unanswerable,
         Self::BadResponse,
@@ -145,6 +206,7 @@ impl DropReason {
         Self::NoNextVia,
         Self::UnsafeDestination,
         Self::UnsupportedTransport,
+        Self::Pending,
     ];
 
     /// Stable label for logs and metrics.
@@ -157,6 +219,7 @@ impl DropReason {
             Self::NoNextVia => "no_next_via",
             Self::UnsafeDestination => "unsafe_destination",
             Self::UnsupportedTransport => "unsupported_transport",
+            Self::Pending => "pending",
         }
     }
 }
@@ -282,6 +345,89 @@ struct Core {
     upstream_names: Vec<Arc<str>>,
     digest: String,
     account_names: Vec<Arc<str>>,
+    cluster: Option<ClusterSpec>,
+}
+
+/// The buckets of this configuration kept in Redis, and what decides when it does not answer.
+#[derive(Debug)]
+struct ClusterSpec {
+    policy: FailurePolicy,
+    instances: u32,
+    trunks: Vec<Option<Arc<SharedBucket>>>,
+    accounts: Vec<Option<Arc<SharedBucket>>>,
+}
+
+/// A bucket kept in Redis: its key and its cluster-wide limit (changed in place by the API).
+#[derive(Debug)]
+struct SharedBucket {
+    key: Arc<str>,
+    params: crate::limiter::Params,
+}
+
+impl SharedBucket {
+    fn bucket(&self) -> crate::cluster::Bucket {
+        let (interval, tolerance) = self.params.get();
+        crate::cluster::Bucket {
+            key: self.key.clone(),
+            interval_us: (interval / 1000).max(1),
+            tolerance_us: tolerance / 1000,
+        }
+    }
+}
+
+impl ClusterSpec {
+    fn new(cfg: &Config) -> Option<Self> {
+        let c = cfg.cluster.as_ref()?;
+        let bucket = |kind: &str, name: &str, limit: crate::limiter::Limit| {
+            Arc::new(SharedBucket {
+                key: format!("{}{kind}:{name}", c.key_prefix).into(),
+                params: crate::limiter::Params::new(limit),
+            })
+        };
+        Some(Self {
+            policy: c.on_failure,
+            instances: c.instances,
+            trunks: cfg
+                .trunks
+                .iter()
+                .map(|t| t.shared.then(|| bucket("trunk", &t.name, t.limit)))
+                .collect(),
+            accounts: cfg
+                .accounts
+                .iter()
+                .map(|a| a.shared.then(|| bucket("account", &a.name, a.limit)))
+                .collect(),
+        })
+    }
+
+    /// The stages of `ask` kept in Redis, and their buckets in chain order.
+    fn shared(&self, ask: &Ask) -> (Stages, Vec<crate::cluster::Bucket>) {
+        let mut stages = Stages::NONE;
+        let mut buckets = Vec::new();
+        if let First::Trunk(t) = ask.first
+            && let Some(b) = &self.trunks[t]
+        {
+            stages = stages.with(Stage::Trunk);
+            buckets.push(b.bucket());
+        }
+        if let Some(a) = ask.account
+            && let Some(b) = &self.accounts[a]
+        {
+            stages = stages.with(Stage::Account);
+            buckets.push(b.bucket());
+        }
+        (stages, buckets)
+    }
+}
+
+/// The part of a shared limit one gate enforces on its own while Redis does not answer
+/// (`local_share`): the rate ÷ the expected instances, the burst likewise (at least 1).
+pub fn local_share(limit: crate::limiter::Limit, instances: u32) -> crate::limiter::Limit {
+    let n = instances.max(1);
+    crate::limiter::Limit {
+        rate: limit.rate / f64::from(n),
+        burst: limit.burst.div_ceil(n).max(1),
+    }
 }
 
 /// How a request is routed after route preprocessing.
@@ -337,6 +483,8 @@ enum Verdict {
     Terminated,
     /// Answered 503 while waiting, at shutdown: retransmissions get it again, a CANCEL a 200.
     ShutDown,
+    /// Its shared buckets are being asked in Redis: retransmissions wait for the answer.
+    Pending,
 }
 
 /// A [`Resolved`] target in 22 bytes.
@@ -642,7 +790,25 @@ impl Proxy {
     /// Decide what to do with one message. `now` is the instant of arrival; admission control
     /// reads it, nothing else does.
     pub fn handle(&self, now: Instant, inb: &Inbound<'_>) -> Action {
-        self.core.load().handle(now, inb)
+        let core = self.core.load();
+        let mut action = core.handle(now, inb);
+        if let Action::Consult(c) = &mut action {
+            // Finished on the configuration it was decided on, even across a reload.
+            c.pending.core = Some(Arc::clone(&core));
+        }
+        action
+    }
+
+    /// Finish a call handed out as [`Action::Consult`] once Redis has answered (or not): the
+    /// forward, or the refusal naming the stage, with the decision cache and counters updated.
+    /// When Redis gave no answer the failure policy decides: `local_share` takes a cell from
+    /// this gate's share of each shared bucket, `open` admits, `closed` refuses.
+    pub fn settle(&self, c: Consult, outcome: crate::cluster::Outcome, now: Instant) -> Settled {
+        let core = match &c.pending.core {
+            Some(core) => core.clone(),
+            None => self.core.load_full(),
+        };
+        core.settle(c, outcome, now)
     }
 
     /// Answer a request that could not be taken whole (see [`Core::refuse_raw`]).
@@ -826,12 +992,23 @@ impl Proxy {
         now: Instant,
     ) -> Result<(), UnknownName> {
         let core = self.core.load();
-        let list = match kind {
-            LimitKind::Trunk => core.chain.trunks(),
-            LimitKind::Account => core.chain.accounts(),
+        let (list, shared) = match (kind, &core.cluster) {
+            (LimitKind::Trunk, c) => (core.chain.trunks(), c.as_ref().map(|c| &c.trunks)),
+            (LimitKind::Account, c) => (core.chain.accounts(), c.as_ref().map(|c| &c.accounts)),
         };
-        let k = list.iter().find(|k| k.name == name).ok_or(UnknownName)?;
-        k.bucket.rescale(now, limit);
+        let i = list
+            .iter()
+            .position(|k| k.name == name)
+            .ok_or(UnknownName)?;
+        // A shared bucket: the cluster-wide limit this gate asks Redis for (each gate has its
+        // own; set it on every one), and the local share.
+        match (shared.and_then(|s| s[i].as_ref()), &core.cluster) {
+            (Some(b), Some(c)) => {
+                b.params.set(limit);
+                list[i].bucket.rescale(now, local_share(limit, c.instances));
+            }
+            _ => list[i].bucket.rescale(now, limit),
+        }
         Ok(())
     }
 
@@ -919,6 +1096,7 @@ impl Core {
                 .iter()
                 .map(|a| Arc::from(a.name.as_str()))
                 .collect(),
+            cluster: ClusterSpec::new(cfg),
         })
     }
 
@@ -1026,9 +1204,18 @@ impl Core {
         // a CANCEL and the ACK of a failed INVITE where the INVITE went.
         let initial_invite = req.method == Method::Invite && req.to_tag(buf).is_none();
         let mut paced = None;
+        let mut consult = None;
         if (initial_invite || matches!(req.method, Method::Cancel | Method::Ack))
             && let Some(done) = self.admit(
-                now, msg, &req, &via_edits, inb, origin, &mut hop, &mut paced,
+                now,
+                msg,
+                &req,
+                &via_edits,
+                inb,
+                origin,
+                &mut hop,
+                &mut paced,
+                &mut consult,
             )
         {
             return done;
@@ -1036,6 +1223,10 @@ impl Core {
         // A configured target's transport is the operator's choice; a URI without `transport`
         // leaves it to us (RFC 3261 §18.1.1).
         let mut transport_chosen = true;
+        let hop_target = match &hop {
+            Hop::Target(t) => Some(CompactTarget::from_resolved(*t)),
+            Hop::Uri(..) => None,
+        };
         let (to, mut transport, egress) = match hop {
             Hop::Target(t) => (NextHop::Addr(t.addr), t.transport, t.listener),
             Hop::Uri(uri, named_egress, recorded) => {
@@ -1051,24 +1242,32 @@ impl Core {
                 }
             }
         };
-        // A slot booked for a call that goes nowhere is given back, and the call not followed.
-        let unbook = |paced: Option<(crate::limiter::Reservation, Ask)>| {
-            if let Some((booked, ask)) = paced {
-                self.chain.release(&ask, &booked.taken);
-                if self.record_route {
-                    self.shared.dialogs.remove(self.dialog_key(msg));
-                }
+        // A slot booked (or cells taken) for a call that goes nowhere is given back, and the
+        // call not followed.
+        let unbook = |paced: Option<(crate::limiter::Reservation, Ask)>,
+                      consult: Option<(Ask, Stages, Stages)>| {
+            if let Some((booked, ask)) = &paced {
+                self.chain.release(ask, &booked.taken);
+            }
+            if let Some((ask, _, taken)) = &consult {
+                self.chain.refund_stages(ask, *taken);
+                self.shared
+                    .decisions
+                    .remove(self.transaction_hash(b'd', msg, &req.top_via));
+            }
+            if (paced.is_some() || consult.is_some()) && self.record_route {
+                self.shared.dialogs.remove(self.dialog_key(msg));
             }
         };
         if let NextHop::Addr(a) = &to
             && !self.is_safe(*a)
         {
-            unbook(paced);
+            unbook(paced, consult);
             return Action::Drop(DropReason::UnsafeDestination);
         }
         // Sending a request straight back to where it came from is a loop (§16.3 step 4).
         if to == NextHop::Addr(inb.source) && req.method != Method::Ack {
-            unbook(paced);
+            unbook(paced, consult);
             return self.reply(msg, &req, &via_edits, inb, refuse(482, "Loop Detected"));
         }
         // Our additions stay well under 600 bytes: only a message near the limit may need the
@@ -1102,6 +1301,35 @@ impl Core {
             data,
             udp_fallback: fallback,
         };
+        if let Some((ask, shared, taken)) = consult {
+            let target = match hop_target {
+                Some(t) => t,
+                None => return Action::Forward(forward),
+            };
+            let buckets = self
+                .cluster
+                .as_ref()
+                .map(|c| c.shared(&ask).1)
+                .unwrap_or_default();
+            return Action::Consult(Box::new(Consult {
+                buckets,
+                forward,
+                pending: Pending {
+                    core: None,
+                    ask,
+                    shared,
+                    taken,
+                    key: self.transaction_hash(b'd', msg, &req.top_via),
+                    target,
+                    origin,
+                    invite: Bytes::copy_from_slice(inb.data),
+                    source: inb.source,
+                    transport: inb.transport,
+                    listener: inb.listener,
+                    conn: inb.conn,
+                },
+            }));
+        }
         match paced {
             None => Action::Forward(forward),
             Some((booked, ask)) => {
@@ -1232,6 +1460,155 @@ impl Core {
                 .decisions
                 .get(key, self.chain.epoch().ns(now), |d| d.verdict)
                 .is_some()
+    }
+
+    /// The key of a call attempt across its auth retries: Call-ID and From-tag.
+    fn attempt_key(&self, msg: &Message<'_>, req: &RequestView) -> u64 {
+        let buf = msg.buf();
+        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
+        h.write_u8(b'a');
+        for field in [req.call_id(buf), req.from_tag(buf).unwrap_or_default()] {
+            h.write_usize(field.len());
+            h.write(field);
+        }
+        h.finish()
+    }
+
+    /// The second half of admission for a call with shared buckets (see [`Proxy::settle`]).
+    fn settle(&self, c: Consult, outcome: crate::cluster::Outcome, now: Instant) -> Settled {
+        use crate::cluster::{Fallback, Outcome};
+        let Consult {
+            buckets,
+            forward,
+            pending: p,
+        } = c;
+        let now_ns = self.chain.epoch().ns(now);
+        let in_redis: Vec<Stage> = Stage::ALL
+            .into_iter()
+            .filter(|s| p.shared.has(*s))
+            .collect();
+        let last_shared = in_redis.last().copied().unwrap_or(Stage::Account);
+        let policy = self
+            .cluster
+            .as_ref()
+            .map_or(FailurePolicy::Closed, |c| c.policy);
+        let mut fallback = None;
+        let mut refund = None;
+        let mut verdict = match outcome {
+            Outcome::Admitted => Ok(()),
+            Outcome::Refused { index, retry_after } => Err((
+                in_redis.get(index).copied().unwrap_or(last_shared),
+                retry_after,
+            )),
+            Outcome::Unavailable(_) => match policy {
+                FailurePolicy::Open => {
+                    fallback = Some(Fallback::Open);
+                    Ok(())
+                }
+                FailurePolicy::Closed => {
+                    fallback = Some(Fallback::Closed);
+                    Err((last_shared, Duration::ZERO))
+                }
+                FailurePolicy::LocalShare => match self.chain.admit_stages(now, &p.ask, p.shared) {
+                    Ok(()) => {
+                        fallback = Some(Fallback::LocalShareAdmitted);
+                        Ok(())
+                    }
+                    Err(r) => {
+                        fallback = Some(Fallback::LocalShareRefused);
+                        Err((r.stage, r.retry_after))
+                    }
+                },
+            },
+        };
+        // The global stage comes after the shared ones; what they gave goes back if it refuses.
+        if verdict.is_ok()
+            && let Err(r) = self
+                .chain
+                .admit_stages(now, &p.ask, Stages::of(Stage::Global))
+        {
+            match fallback {
+                None => refund = Some(buckets),
+                Some(Fallback::LocalShareAdmitted) => self.chain.refund_stages(&p.ask, p.shared),
+                _ => {}
+            }
+            verdict = Err((r.stage, r.retry_after));
+        }
+        let counters = |f: &dyn Fn(&crate::limiter::KeyStats)| {
+            if let First::Trunk(t) = p.ask.first {
+                f(&self.chain.trunks()[t].stats);
+            }
+            if let Some(a) = p.ask.account {
+                f(&self.chain.accounts()[a].stats);
+            }
+        };
+        let expires = now_ns.saturating_add(DECISION_TTL.as_nanos() as u64);
+        let (stage, retry_after) = match verdict {
+            Ok(()) => {
+                counters(&|s| s.admitted_at(now_ns));
+                self.shared.decisions.insert(
+                    p.key,
+                    now_ns,
+                    Decision {
+                        expires,
+                        verdict: Verdict::Forwarded(p.target),
+                    },
+                );
+                return Settled {
+                    action: Action::Forward(forward),
+                    fallback,
+                    refund,
+                };
+            }
+            Err(x) => x,
+        };
+        // Refused: the local stages give their cells back, and the call is not followed.
+        self.chain.refund_stages(&p.ask, p.taken);
+        counters(&|s| s.rejected_at(stage));
+        self.shared.decisions.insert(
+            p.key,
+            now_ns,
+            Decision {
+                expires,
+                verdict: Verdict::Rejected(stage),
+            },
+        );
+        let inb = Inbound {
+            data: &p.invite,
+            source: p.source,
+            transport: p.transport,
+            listener: p.listener,
+            conn: p.conn,
+        };
+        let action = match Message::scan(&p.invite) {
+            Ok(msg) => match RequestView::parse(&msg) {
+                Ok(req) => {
+                    // Not followed, and no free auth retries for a refused attempt.
+                    if self.record_route {
+                        self.shared.dialogs.remove(self.dialog_key(&msg));
+                    }
+                    self.shared.admitted.remove(self.attempt_key(&msg, &req));
+                    let via_edits = received_edits(&req.top_via, p.source);
+                    self.reject(
+                        &msg,
+                        &req,
+                        &via_edits,
+                        &inb,
+                        p.origin,
+                        stage,
+                        Some(retry_after),
+                        p.key,
+                    )
+                }
+                Err(_) => Action::Drop(DropReason::Unanswerable),
+            },
+            Err(_) => Action::Drop(DropReason::NotSip),
+        };
+        Settled {
+            action,
+            fallback,
+            refund,
+        }
     }
 
     /// Answer a waiting INVITE from its stored bytes.
@@ -1440,6 +1817,7 @@ impl Core {
         origin: Origin,
         hop: &mut Hop,
         paced: &mut Option<(crate::limiter::Reservation, Ask)>,
+        consult: &mut Option<(Ask, Stages, Stages)>,
     ) -> Option<Action> {
         let now_ns = self.chain.epoch().ns(now);
         // RFC 3261 §17.2.3: a CANCEL and the retransmissions of an INVITE carry its top-Via
@@ -1474,6 +1852,7 @@ impl Core {
                 Some(Verdict::Terminated | Verdict::ShutDown) => {
                     Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
                 }
+                Some(Verdict::Pending) => Some(Action::Drop(DropReason::Pending)),
                 Some(Verdict::Queued) => match self.cancel_waiting(key, now_ns) {
                     Some(terminated) => {
                         let (_, ok) = self.answer(msg, req, via_edits, inb, &refuse(200, "OK"));
@@ -1519,6 +1898,7 @@ impl Core {
             Some(Verdict::ShutDown) => {
                 return Some(self.reply(msg, req, via_edits, inb, shutting_down()));
             }
+            Some(Verdict::Pending) => return Some(Action::Drop(DropReason::Pending)),
             None => {}
         }
         // Initial requests go by origin, so the hop is a configured target.
@@ -1527,14 +1907,7 @@ impl Core {
         };
         let expires = now_ns.saturating_add(DECISION_TTL.as_nanos() as u64);
         if let Some(ask) = self.ask(msg, req, inb, origin) {
-            let buf = msg.buf();
-            let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
-            h.write_u8(b'a');
-            for field in [req.call_id(buf), req.from_tag(buf).unwrap_or_default()] {
-                h.write_usize(field.len());
-                h.write(field);
-            }
-            let attempt = h.finish();
+            let attempt = self.attempt_key(msg, req);
             let has_credentials = msg.first(HeaderName::Authorization).is_some()
                 || msg.first(HeaderName::ProxyAuthorization).is_some();
             // An INVITE re-sent with credentials (and a higher CSeq) after a 401/407 of an
@@ -1575,9 +1948,26 @@ impl Core {
                 First::Trunk(t) => self.routes.trunks()[t].pacing,
                 First::Source(_) => None,
             };
+            // Buckets kept in Redis are asked by the shell after the local stages before them
+            // (trunk or source, username, account when local); the global stage comes after.
+            let (shared, _) = self
+                .cluster
+                .as_ref()
+                .map_or((Stages::NONE, Vec::new()), |c| c.shared(&ask));
             // Ok(None): admitted now; Ok(Some): a slot booked ahead.
             let outcome = if auth_retry {
                 Ok(None)
+            } else if !shared.is_empty() {
+                let mut before = Stages::ALL.without(Stage::Global);
+                for s in Stage::ALL {
+                    if shared.has(s) {
+                        before = before.without(s);
+                    }
+                }
+                self.chain.admit_stages(now, &ask, before).map(|()| {
+                    *consult = Some((ask, shared, before));
+                    None
+                })
             } else {
                 match pacing {
                     None => self.chain.admit(now, &ask).map(|()| None),
@@ -1625,6 +2015,8 @@ impl Core {
                 }
                 match outcome {
                     Ok(Some(booked)) => *paced = Some((booked, ask)),
+                    // Counted when Redis has answered.
+                    _ if consult.is_some() => {}
                     _ => counters(&|s| s.admitted_at(now_ns)),
                 }
                 // Follow the call for ASR and ACD (a bounded table; calls that never end are
@@ -1660,14 +2052,13 @@ impl Core {
         }
         // A paced call's verdict is written by `enqueue`, once it is in the queue.
         if paced.is_none() {
-            self.shared.decisions.insert(
-                key,
-                now_ns,
-                Decision {
-                    expires,
-                    verdict: Verdict::Forwarded(CompactTarget::from_resolved(target)),
-                },
-            );
+            let verdict = match consult {
+                Some(_) => Verdict::Pending,
+                None => Verdict::Forwarded(CompactTarget::from_resolved(target)),
+            };
+            self.shared
+                .decisions
+                .insert(key, now_ns, Decision { expires, verdict });
         }
         None
     }
@@ -2316,16 +2707,22 @@ fn itoa(mut n: u64) -> Decimal {
 
 /// The limiter's view of a configuration.
 pub fn chain_spec(cfg: &Config) -> ChainSpec {
+    // A bucket kept in Redis has, locally, this gate's share of it (used while Redis does not
+    // answer, under `local_share`).
+    let local = |shared: bool, limit| match &cfg.cluster {
+        Some(c) if shared => local_share(limit, c.instances),
+        _ => limit,
+    };
     ChainSpec {
         trunks: cfg
             .trunks
             .iter()
-            .map(|t| (t.name.clone(), t.limit))
+            .map(|t| (t.name.clone(), local(t.shared, t.limit)))
             .collect(),
         accounts: cfg
             .accounts
             .iter()
-            .map(|a| (a.name.clone(), a.limit))
+            .map(|a| (a.name.clone(), local(a.shared, a.limit)))
             .collect(),
         source: cfg.limits.unknown_source,
         username: cfg.limits.username,

@@ -1734,3 +1734,207 @@ fn a_call_waiting_longer_than_the_decision_cache_remembers_is_still_known() {
     );
     assert!(p.release(q.key, q.at).is_none());
 }
+
+const CLUSTERED: &str = r#"
+[[listen]]
+address = "127.0.0.1:5060"
+
+[proxy]
+secret = "0123456789abcdef-test"
+
+[[upstream]]
+name = "carrier"
+address = "192.0.2.80:5060"
+
+[[account]]
+name = "pool"
+rate = 100
+burst = 10
+shared = true
+
+[[trunk]]
+name = "t1"
+account = "pool"
+upstream = "carrier"
+rate = 50
+burst = 2
+match = { sources = ["10.0.0.0/24"] }
+
+[cluster]
+urls = ["redis://127.0.0.1:1/"]
+instances = 4
+on_failure = "POLICY"
+"#;
+
+fn clustered(t0: Instant, policy: &str, extra: &str) -> Proxy {
+    let text = format!("{}{extra}", CLUSTERED.replace("POLICY", policy));
+    let cfg = Config::parse(&text, "test").expect("valid");
+    Proxy::new_at(&cfg, test_listeners()[..1].to_vec(), t0).expect("builds")
+}
+
+fn consult(a: Action) -> Consult {
+    match a {
+        Action::Consult(c) => *c,
+        other => panic!("expected a consult, got {other:?}"),
+    }
+}
+
+use crate::cluster::{Failure, Fallback, Outcome};
+
+#[test]
+fn a_shared_pool_is_asked_in_redis_after_the_local_trunk() {
+    let t0 = Instant::now();
+    let p = clustered(t0, "closed", "");
+    let c = consult(at(&p, &call(0), PBX, t0));
+    assert_eq!(c.buckets.len(), 1);
+    assert_eq!(&*c.buckets[0].key, "cpsgate:account:pool");
+    // 100 CPS, burst 10, in integer microseconds.
+    assert_eq!(
+        (c.buckets[0].interval_us, c.buckets[0].tolerance_us),
+        (10_000, 90_000)
+    );
+    // A retransmission while Redis is asked waits for the first copy's answer.
+    assert!(matches!(
+        at(&p, &call(0), PBX, t0),
+        Action::Drop(DropReason::Pending)
+    ));
+    let s = p.settle(c, Outcome::Admitted, t0);
+    assert!(s.fallback.is_none() && s.refund.is_none());
+    let (out, _) = forwarded(s.action);
+    assert_eq!(out.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+    // Decided: a retransmission follows it, uncharged and without asking Redis again.
+    assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
+    assert_eq!(p.snapshot(t0).trunks[0].limits.admitted, 1);
+}
+
+#[test]
+fn a_refusal_in_redis_gives_the_local_cells_back_and_names_the_pool() {
+    let t0 = Instant::now();
+    let p = clustered(t0, "closed", "");
+    // The trunk's burst is 2: were refused calls charged, the third would be refused locally.
+    for n in 0..3 {
+        let c = consult(at(&p, &call(n), PBX, t0));
+        let s = p.settle(
+            c,
+            Outcome::Refused {
+                index: 0,
+                retry_after: Duration::from_millis(7),
+            },
+            t0,
+        );
+        let (r, text) = rejected(s.action);
+        assert_eq!(r.stage, Stage::Account);
+        assert_eq!(r.retry_after, Duration::from_millis(7));
+        assert!(text.starts_with("SIP/2.0 503 "), "{text}");
+        assert!(text.contains("account CPS limit (pool)"), "{text}");
+    }
+    // The refusal is cached: a retransmission gets the same answer without Redis.
+    let (r, _) = rejected(at(&p, &call(0), PBX, t0));
+    assert!(r.retransmission);
+    // A refused call leaves no trunk cell used.
+    assert_eq!(p.chain().trunk(0).available(t0), 2);
+}
+
+#[test]
+fn each_failure_policy_decides_as_documented() {
+    let t0 = Instant::now();
+    let down = Outcome::Unavailable(Failure::Timeout);
+    // open: admitted unchecked.
+    let p = clustered(t0, "open", "");
+    let s = p.settle(consult(at(&p, &call(0), PBX, t0)), down, t0);
+    assert_eq!(s.fallback, Some(Fallback::Open));
+    assert!(matches!(s.action, Action::Forward(_)));
+    // closed: refused at the pool, with the trunk cell given back.
+    let p = clustered(t0, "closed", "");
+    let s = p.settle(consult(at(&p, &call(0), PBX, t0)), down, t0);
+    assert_eq!(s.fallback, Some(Fallback::Closed));
+    assert_eq!(rejected(s.action).0.stage, Stage::Account);
+    assert_eq!(p.chain().trunk(0).available(t0), 2);
+    // local_share: this gate's quarter of the pool, 25 CPS with burst ceil(10 / 4) = 3.
+    let p = clustered(t0, "local_share", "");
+    assert_eq!(p.chain().account(0).limit().burst, 3);
+    let mut admitted = 0;
+    // One call every 10 ms for a second: the trunk (50 CPS) lets half through, the local
+    // share of the pool 25 + 3 of them.
+    for n in 0..100u32 {
+        let now = t0 + Duration::from_millis(u64::from(n) * 10);
+        match at(&p, &call(n), PBX, now) {
+            Action::Consult(c) => {
+                let s = p.settle(*c, down, now);
+                match s.action {
+                    Action::Forward(_) => {
+                        assert_eq!(s.fallback, Some(Fallback::LocalShareAdmitted));
+                        admitted += 1;
+                    }
+                    Action::Reject(r, _) => {
+                        assert_eq!(s.fallback, Some(Fallback::LocalShareRefused));
+                        assert_eq!(r.stage, Stage::Account);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            Action::Reject(r, _) => assert_eq!(r.stage, Stage::Trunk),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!((27..=28).contains(&admitted), "{admitted}");
+}
+
+#[test]
+fn a_later_local_stage_refusing_returns_the_shared_cell() {
+    let t0 = Instant::now();
+    let p = clustered(
+        t0,
+        "closed",
+        "\n[limits]\nglobal = { rate = 1, burst = 1 }\n",
+    );
+    let s = p.settle(consult(at(&p, &call(0), PBX, t0)), Outcome::Admitted, t0);
+    assert!(s.refund.is_none());
+    assert!(matches!(s.action, Action::Forward(_)));
+    // The global bucket is empty now: Redis admits, global refuses, Redis gets its cell back.
+    let c = consult(at(&p, &call(1), PBX, t0));
+    let buckets = c.buckets.clone();
+    let s = p.settle(c, Outcome::Admitted, t0);
+    assert_eq!(rejected(s.action).0.stage, Stage::Global);
+    assert_eq!(s.refund, Some(buckets));
+}
+
+#[test]
+fn a_shared_trunk_and_its_shared_pool_go_to_redis_together() {
+    let t0 = Instant::now();
+    let text = CLUSTERED
+        .replace("POLICY", "closed")
+        .replace("burst = 2\n", "burst = 2\nshared = true\n");
+    let cfg = Config::parse(&text, "test").expect("valid");
+    let p = Proxy::new_at(&cfg, test_listeners()[..1].to_vec(), t0).expect("builds");
+    let c = consult(at(&p, &call(0), PBX, t0));
+    let keys: Vec<&str> = c.buckets.iter().map(|b| &*b.key).collect();
+    assert_eq!(keys, ["cpsgate:trunk:t1", "cpsgate:account:pool"]);
+    let s = p.settle(
+        c,
+        Outcome::Refused {
+            index: 0,
+            retry_after: Duration::ZERO,
+        },
+        t0,
+    );
+    assert_eq!(rejected(s.action).0.stage, Stage::Trunk);
+}
+
+#[test]
+fn a_cancel_while_redis_is_asked_is_dropped_for_its_retransmission() {
+    let t0 = Instant::now();
+    let p = clustered(t0, "closed", "");
+    let c = consult(at(&p, &call(0), PBX, t0));
+    let cancel = call(0)
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL");
+    assert!(matches!(
+        at(&p, &cancel, PBX, t0),
+        Action::Drop(DropReason::Pending)
+    ));
+    let _ = forwarded(p.settle(c, Outcome::Admitted, t0).action);
+    // The retransmitted CANCEL follows the forwarded INVITE.
+    let (out, _) = forwarded(at(&p, &cancel, PBX, t0));
+    assert_eq!(out.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+}

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::{Cluster, Failure, Outcome};
 use crate::config::TcpSettings;
 use crate::proxy::{Action, ConnId, Inbound, NextHop, Outbound, Proxy};
 use crate::sip::Transport;
@@ -105,6 +106,7 @@ pub struct Shell {
     cancel: CancellationToken,
     tracker: TaskTracker,
     alerts: Option<Arc<crate::alerts::Alerts>>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Shell {
@@ -117,7 +119,7 @@ impl Shell {
         (tcp, max_message): (TcpSettings, usize),
         cancel: CancellationToken,
         tracker: TaskTracker,
-        alerts: Option<Arc<crate::alerts::Alerts>>,
+        (alerts, cluster): (Option<Arc<crate::alerts::Alerts>>, Option<Arc<Cluster>>),
     ) -> Arc<Self> {
         Arc::new(Self {
             proxy,
@@ -133,6 +135,7 @@ impl Shell {
             cancel,
             tracker,
             alerts,
+            cluster,
         })
     }
 
@@ -266,6 +269,31 @@ impl Shell {
                         _ = tokio::time::sleep_until(at) => {}
                     }
                     if let Some(out) = shell.proxy.release(q.key, Instant::now()) {
+                        shell.send(out).await;
+                    }
+                });
+            }
+            Action::Consult(c) => {
+                let shell = self.clone();
+                self.tracker.spawn(async move {
+                    let (source, transport) = c.origin();
+                    let outcome = match &shell.cluster {
+                        Some(cluster) => cluster.take(&c.buckets, 1).await,
+                        None => Outcome::Unavailable(Failure::Error),
+                    };
+                    let settled = shell.proxy.settle(*c, outcome, Instant::now());
+                    if let Some(cluster) = &shell.cluster {
+                        if let Some(f) = settled.fallback {
+                            cluster.stats.fallback(f);
+                        }
+                        if let Some(buckets) = settled.refund {
+                            // A later local stage refused: the shared cells go back.
+                            cluster.take(&buckets, -1).await;
+                        }
+                    }
+                    shell.observe(&settled.action, source, transport);
+                    // A forward or a refusal (never another consult).
+                    if let Action::Forward(out) | Action::Reject(_, out) = settled.action {
                         shell.send(out).await;
                     }
                 });

@@ -113,6 +113,7 @@ pub(crate) fn describe(a: &Action) -> String {
         Action::Reject(r, _) => format!("Reject at the {} stage", r.stage.as_str()),
         Action::Queue(_) => "Queue".to_owned(),
         Action::Cancelled(..) => "Cancelled".to_owned(),
+        Action::Consult(c) => format!("Consult {} shared bucket(s)", c.buckets.len()),
         Action::Absorb => "Absorb".to_owned(),
         Action::Drop(r) => format!("Drop({r:?})"),
     }
