@@ -27,6 +27,7 @@ pub struct TestGate {
     pub proxy: Arc<cpsgate::proxy::Proxy>,
     pub reload: Arc<tokio::sync::Notify>,
     pub admin: Option<SocketAddr>,
+    pub cluster: Option<Arc<cpsgate::cluster::Cluster>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -61,6 +62,7 @@ impl TestGate {
         let proxy = gate.proxy();
         let reload = gate.reload_trigger();
         let admin = gate.admin_addr();
+        let cluster = gate.cluster();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gate.run(async move {
             let _ = rx.await;
@@ -72,6 +74,7 @@ impl TestGate {
             proxy,
             reload,
             admin,
+            cluster,
             stop: Some(tx),
             task: Some(task),
         }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod alerts;
+mod cluster;
 mod differential;
 mod flows;
 mod harness;
