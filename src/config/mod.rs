@@ -1636,6 +1636,54 @@ match = { sources = ["10.0.0.0/8"] }
     }
 
     #[test]
+    fn cluster_section_with_defaults_and_shared_buckets() {
+        let text = GOOD.replace("rate = 20\n", "rate = 20\nshared = true\n")
+            + "\n[cluster]\nurls = [\"redis://10.0.0.9:6379/0\"]\n";
+        let c = Config::parse(&text, "t").unwrap();
+        assert!(c.accounts[0].shared && !c.trunks[0].shared);
+        let cl = c.cluster.expect("cluster");
+        assert_eq!(cl.urls, ["redis://10.0.0.9:6379/0"]);
+        assert_eq!(cl.timeout, std::time::Duration::from_millis(20));
+        assert_eq!(cl.on_failure, FailurePolicy::LocalShare);
+        assert_eq!((cl.instances, cl.key_prefix.as_str()), (2, "cpsgate:"));
+    }
+
+    #[test]
+    fn cluster_errors_name_the_key_the_value_and_the_line() {
+        // shared without [cluster]
+        let text = GOOD.replace("rate = 20\n", "rate = 20\nshared = true\n");
+        let e = Config::parse(&text, "t").unwrap_err();
+        let err = e.errors.iter().find(|e| e.key == "account[0].shared").expect("named");
+        assert_eq!((err.line, err.value.as_str()), (12, "true"));
+        assert!(err.message.contains("[cluster]"), "{err}");
+        // bad values in [cluster]; the password of a URL is never shown
+        let text = format!(
+            "{GOOD}\n[cluster]\nurls = [\"http://u:hunter2@x\"]\ntimeout_ms = 0\non_failure = \"retry\"\ninstances = 0\n"
+        );
+        let e = Config::parse(&text, "t").unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        for want in [
+            "line 22: cluster.urls[0] = \"http://u:***@x\": must be a redis:// URL",
+            "line 23: cluster.timeout_ms = 0",
+            "line 24: cluster.on_failure = \"retry\": must be \"local_share\", \"open\" or \"closed\"",
+            "line 25: cluster.instances = 0",
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        // a paced trunk cannot book ahead in a shared pool
+        let text = GOOD.replace("rate = 20\n", "rate = 20\nshared = true\n").replace(
+            "burst = 5\n",
+            "burst = 5\non_limit = \"queue\"\n",
+        ) + "\n[cluster]\nurls = [\"redis://127.0.0.1/\"]\n";
+        let e = Config::parse(&text, "t").unwrap_err();
+        assert!(
+            e.to_string().contains("trunk[0].on_limit = \"queue\": pacing books a slot ahead"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn pacing_per_trunk_and_inherited_from_the_account() {
         use std::time::Duration;
         let c = Config::parse(GOOD, "t").unwrap();

@@ -256,3 +256,31 @@ fn releasing_the_last_reservation_frees_its_slot_an_earlier_one_does_not() {
         "no call squeezed into the gap"
     );
 }
+
+#[test]
+fn part_of_the_chain_runs_all_or_none_and_gives_back_only_its_own_cells() {
+    let t0 = Instant::now();
+    let chain = Chain::new(&spec(&[("t", 10.0, 2)], Some((10.0, 1))), Epoch::new(t0));
+    let a = ask(0, true);
+    // Only the trunk (the pool kept elsewhere): the pool is never touched.
+    let trunk_only = Stages::of(Stage::Trunk);
+    assert!(chain.admit_stages(t0, &a, trunk_only).is_ok());
+    assert!(chain.admit_stages(t0, &a, trunk_only).is_ok());
+    assert_eq!(chain.account(0).available(t0), 1);
+    assert_eq!(
+        chain.admit_stages(t0, &a, trunk_only).map_err(|r| r.stage),
+        Err(Stage::Trunk)
+    );
+    chain.refund_stages(&a, trunk_only);
+    assert_eq!(chain.trunk(0).available(t0), 1);
+    // The pool alone, then the whole chain: the pool is empty, so the trunk cell the whole
+    // chain took first goes back.
+    assert!(chain.admit_stages(t0, &a, Stages::of(Stage::Account)).is_ok());
+    assert_eq!(
+        chain.admit_stages(t0, &a, Stages::ALL).map_err(|r| r.stage),
+        Err(Stage::Account)
+    );
+    assert_eq!(chain.trunk(0).available(t0), 1);
+    assert!(Stages::ALL.without(Stage::Global).has(Stage::Account));
+    assert!(!Stages::ALL.without(Stage::Global).has(Stage::Global));
+}
