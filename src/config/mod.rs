@@ -1653,7 +1653,11 @@ match = { sources = ["10.0.0.0/8"] }
         // shared without [cluster]
         let text = GOOD.replace("rate = 20\n", "rate = 20\nshared = true\n");
         let e = Config::parse(&text, "t").unwrap_err();
-        let err = e.errors.iter().find(|e| e.key == "account[0].shared").expect("named");
+        let err = e
+            .errors
+            .iter()
+            .find(|e| e.key == "account[0].shared")
+            .expect("named");
         assert_eq!((err.line, err.value.as_str()), (12, "true"));
         assert!(err.message.contains("[cluster]"), "{err}");
         // bad values in [cluster]; the password of a URL is never shown
@@ -1672,13 +1676,14 @@ match = { sources = ["10.0.0.0/8"] }
             assert!(text.contains(want), "{want} in {text}");
         }
         // a paced trunk cannot book ahead in a shared pool
-        let text = GOOD.replace("rate = 20\n", "rate = 20\nshared = true\n").replace(
-            "burst = 5\n",
-            "burst = 5\non_limit = \"queue\"\n",
-        ) + "\n[cluster]\nurls = [\"redis://127.0.0.1/\"]\n";
+        let text = GOOD
+            .replace("rate = 20\n", "rate = 20\nshared = true\n")
+            .replace("burst = 5\n", "burst = 5\non_limit = \"queue\"\n")
+            + "\n[cluster]\nurls = [\"redis://127.0.0.1/\"]\n";
         let e = Config::parse(&text, "t").unwrap_err();
         assert!(
-            e.to_string().contains("trunk[0].on_limit = \"queue\": pacing books a slot ahead"),
+            e.to_string()
+                .contains("trunk[0].on_limit = \"queue\": pacing books a slot ahead"),
             "{e}"
         );
     }

@@ -275,7 +275,11 @@ fn part_of_the_chain_runs_all_or_none_and_gives_back_only_its_own_cells() {
     assert_eq!(chain.trunk(0).available(t0), 1);
     // The pool alone, then the whole chain: the pool is empty, so the trunk cell the whole
     // chain took first goes back.
-    assert!(chain.admit_stages(t0, &a, Stages::of(Stage::Account)).is_ok());
+    assert!(
+        chain
+            .admit_stages(t0, &a, Stages::of(Stage::Account))
+            .is_ok()
+    );
     assert_eq!(
         chain.admit_stages(t0, &a, Stages::ALL).map_err(|r| r.stage),
         Err(Stage::Account)
