@@ -423,7 +423,7 @@ fn apply(
     }
     // These are read once at start; a reload applies everything else.
     tracing::debug!(
-        "[admin], [alerts], proxy.secret, limits.table_size, limits.decision_cache_size and [usage] take effect at the next start"
+        "[admin], [alerts], proxy.secret, limits.table_size, limits.decision_cache_size, [usage], cluster.urls and cluster.timeout_ms take effect at the next start"
     );
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");

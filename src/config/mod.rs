@@ -1158,17 +1158,39 @@ impl<'t> Validator<'t> {
                     }
                 }
             }
-            let advertise = l
-                .advertise
-                .as_ref()
-                .and_then(|a| match split_host_port(a.get_ref()) {
+            // `advertise_env`: one config for several replicas, each told its own address.
+            let from_env = l.advertise_env.as_ref().and_then(|var| {
+                if l.advertise.is_some() {
+                    self.err_at(
+                        var,
+                        format!("{key}.advertise_env"),
+                        "give advertise or advertise_env, not both",
+                    );
+                    return None;
+                }
+                match std::env::var(var.get_ref()) {
+                    Ok(v) if !v.is_empty() => Some(toml::Spanned::new(var.span(), v)),
+                    _ => {
+                        self.err_at(
+                            var,
+                            format!("{key}.advertise_env"),
+                            "environment variable is not set",
+                        );
+                        None
+                    }
+                }
+            });
+            let advertise = l.advertise.as_ref().or(from_env.as_ref()).and_then(|a| {
+                match split_host_port(a.get_ref()) {
                     Some((h, p)) => Some((h, p)),
                     None => {
                         self.err_at(a, format!("{key}.advertise"), "must be host or host:port");
                         None
                     }
-                });
-            if address.ip().is_unspecified() && advertise.is_none() {
+                }
+            });
+            let env_missing = l.advertise_env.is_some() && advertise.is_none();
+            if address.ip().is_unspecified() && advertise.is_none() && !env_missing {
                 self.err_at(&l.address, format!("{key}.advertise"), "required when binding an unspecified address (Via and Record-Route need a reachable host)");
             }
             out.push(Listener {

@@ -12,6 +12,7 @@ pub struct Listen {
     pub address: Spanned<String>,
     pub transports: Option<Vec<Spanned<String>>>,
     pub advertise: Option<Spanned<String>>,
+    pub advertise_env: Option<Spanned<String>>,
 }
 
 /// `[proxy]`: proxy-wide behaviour.

@@ -45,6 +45,34 @@ fn check_config_accepts_the_shipped_files() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The cluster example (docker-compose.yml) checks too (Redis is not needed to check it);
+    // each replica's advertised address comes from its environment.
+    let check_cluster = |advertise: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["check-config", "config/examples/cluster.toml"])
+            .env("CPSGATE_SECRET", "an-example-secret-of-enough-length")
+            .env_remove("CPSGATE_ADVERTISE")
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(a) = advertise {
+            cmd.env("CPSGATE_ADVERTISE", a);
+        }
+        cmd.output().expect("run")
+    };
+    let out = check_cluster(Some("cpsgate-a:5060"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = check_cluster(None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "listen[0].advertise_env = \"CPSGATE_ADVERTISE\": environment variable is not set"
+            ),
+        "{err}"
+    );
     // The multi-carrier example reads its secret from the environment.
     let out = std::process::Command::new(bin())
         .args(["check-config", "config/examples/multi-carrier.toml"])
