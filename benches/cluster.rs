@@ -136,7 +136,7 @@ impl Drop for Redis {
 async fn shared_decision(p: &Proxy, cluster: &Cluster, data: &[u8], now: Instant) {
     match p.handle(now, &inbound(data)) {
         Action::Consult(c) => {
-            let outcome = cluster.take(&c.buckets, 1).await;
+            let outcome = cluster.take(&c.buckets).await;
             assert_eq!(
                 outcome,
                 Outcome::Admitted,
@@ -191,7 +191,7 @@ fn bench(c: &mut Criterion) {
     let cfg = Config::parse(&toml, "bench").expect("config");
     let cluster = {
         let _guard = rt.enter();
-        Arc::new(Cluster::new(cfg.cluster.as_ref().expect("cluster")).expect("client"))
+        Cluster::start(cfg.cluster.as_ref().expect("cluster")).expect("client")
     };
     let mut next = 0u64;
     g.bench_function("shared_pool_one_at_a_time", |b| {

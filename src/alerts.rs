@@ -232,7 +232,12 @@ fn limit_of(proxy: &Proxy, stage: Stage, key: &str) -> (f64, u32, u64) {
         _ => None,
     };
     keyed.map_or((0.0, 0, 0), |k| {
-        let l = k.bucket.limit();
+        // A shared pool reports its cluster-wide limit, not this gate's share.
+        let kind = match stage {
+            Stage::Trunk => crate::proxy::LimitKind::Trunk,
+            _ => crate::proxy::LimitKind::Account,
+        };
+        let l = proxy.limit(kind, key).unwrap_or_else(|| k.bucket.limit());
         (l.rate, l.burst, k.stats.cps(now))
     })
 }

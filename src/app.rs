@@ -102,7 +102,7 @@ impl Gate {
             .map(|a| crate::alerts::Alerts::start(a, proxy.clone(), cancel.clone(), &tracker));
         // Redis is connected lazily: a gate starts (under its failure policy) without it.
         let cluster = match &cfg.cluster {
-            Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c)?)),
+            Some(c) => Some(crate::cluster::Cluster::start(c)?),
             None => None,
         };
         let shell = Shell::new(

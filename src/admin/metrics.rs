@@ -485,13 +485,15 @@ pub fn render_cluster(out: &mut String, c: &crate::cluster::Cluster) {
     o.family(
         "cpsgate_cluster_refunds_total",
         "counter",
-        "Shared cells given back because a later local stage refused the call.",
+        "Shared cells given back because a later local stage refused the call, by result.",
     );
-    o.sample(
-        "cpsgate_cluster_refunds_total",
-        &[],
-        st.refunds.load(Ordering::Relaxed),
-    );
+    for (result, n) in [("delivered", &st.refunds), ("failed", &st.refund_failures)] {
+        o.sample(
+            "cpsgate_cluster_refunds_total",
+            &[("result", result)],
+            n.load(Ordering::Relaxed),
+        );
+    }
     o.family(
         "cpsgate_cluster_up",
         "gauge",

@@ -317,7 +317,7 @@ async fn usage_lists_every_trunk_and_account_with_the_thresholds() {
 
 #[tokio::test]
 async fn cluster_counters_are_exported_with_the_failure_policy_labels() {
-    let cluster = crate::cluster::Cluster::new(&crate::config::ClusterConfig {
+    let cluster = crate::cluster::Cluster::start(&crate::config::ClusterConfig {
         urls: vec!["redis://127.0.0.1:1/".into()],
         timeout: std::time::Duration::from_millis(20),
         on_failure: crate::config::FailurePolicy::LocalShare,
@@ -331,7 +331,7 @@ async fn cluster_counters_are_exported_with_the_failure_policy_labels() {
     let mut out = String::new();
     metrics::render_cluster(&mut out, &cluster);
     for line in [
-        "cpsgate_cluster_up 0",
+        "cpsgate_cluster_refunds_total{result=\"failed\"} 0",
         "cpsgate_cluster_fallback_total{policy=\"local_share\",outcome=\"refused\"} 1",
         "cpsgate_cluster_failures_total{reason=\"timeout\"} 0",
         "cpsgate_cluster_decisions_total{result=\"admitted\"} 0",

@@ -11,7 +11,11 @@
 -- refused and would admit in `wait` microseconds; nothing is changed on a refusal.
 --
 -- Microseconds since 1970 are about 2^51: exact in Lua's doubles, but `tostring` would print
--- them in %.14g (losing the last digits), so they are written with string.format('%d').
+-- them in %.14g (losing the last digits), so they are written with string.format('%.0f'),
+-- exact below 2^53 on every build. `TIME` before a write needs effects replication: the
+-- default from Redis 5, switched on here for older servers.
+
+if redis.replicate_commands then redis.replicate_commands() end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -21,7 +25,8 @@ local tats = {}
 for i = 1, #KEYS do
   local interval = tonumber(ARGV[2 * i])
   local tolerance = tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  -- A value that is not a number (written by something else) counts as a full bucket.
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
   if tat < now then tat = now end
   if cost > 0 then
     local ahead = tat - now
@@ -38,7 +43,7 @@ for i = 1, #KEYS do
   if tat > now then
     -- Keep the key until the bucket is full again (plus a second), then let it go.
     local ms = math.floor((tat - now) / 1000) + 1000
-    redis.call('SET', KEYS[i], string.format('%d', tat), 'PX', string.format('%d', ms))
+    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', string.format('%.0f', ms))
   else
     redis.call('DEL', KEYS[i])
   end

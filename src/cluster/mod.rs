@@ -9,8 +9,8 @@
 //! The decision core never waits: it hands a call that needs a shared bucket to the shell as
 //! [`crate::proxy::Action::Consult`]; the shell asks [`Cluster::take`] (bounded by the decision
 //! timeout) and gives the [`Outcome`] back to the core, which applies the failure policy when
-//! Redis did not answer. While Redis is unreachable the client does not wait on it at all: one
-//! probe at a time tests it every [`PROBE_EVERY`], and the shared mode resumes with the first
+//! Redis did not answer. While Redis is unreachable the client does not wait on it at all: a
+//! health task pings it every [`PROBE_EVERY`], and the shared mode resumes with the first
 //! answer.
 
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use crate::config::ClusterConfig;
 /// The GCRA script (see the file for its contract).
 pub const SCRIPT: &str = include_str!("gcra.lua");
 
-/// While Redis is down, how often one call probes it (the others go straight to the policy).
+/// While Redis is down, how often the health task pings it (calls go straight to the policy).
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Timeouts in a row that mark Redis down (a single slow answer does not).
 const TIMEOUTS_TO_DOWN: u64 = 3;
@@ -137,8 +137,10 @@ pub struct ClusterStats {
     pub admitted: AtomicU64,
     /// Calls Redis refused.
     pub refused: AtomicU64,
-    /// Refunds sent (cells given back).
+    /// Refunds delivered (cells given back).
     pub refunds: AtomicU64,
+    /// Refunds that could not be delivered.
+    pub refund_failures: AtomicU64,
     failures: [AtomicU64; Failure::ALL.len()],
     fallbacks: [AtomicU64; Fallback::ALL.len()],
     roundtrips: [AtomicU64; ROUNDTRIP_BOUNDS_US.len() + 1],
@@ -187,9 +189,15 @@ impl ClusterStats {
     }
 }
 
-/// The Redis client of a gate: one auto-reconnecting connection per configured URL (the first
-/// that answers is used; on failure the next one is probed), the loaded script, and the
-/// up/down state.
+/// The Redis client of a gate: one auto-reconnecting connection per configured URL, the loaded
+/// script, and the up/down state.
+///
+/// Calls go to the current server while Redis is up. A connection error, or
+/// [`TIMEOUTS_TO_DOWN`] timeouts in a row, mark it down: from then on calls go straight to the
+/// failure policy, and a health task (started with the client) pings the servers, the first
+/// URL first, every [`PROBE_EVERY`]; the first to answer is used and the shared mode resumes.
+/// While on a later URL, the health task tries the first one every [`FAILBACK_EVERY`] and goes
+/// back to it as soon as it answers, so gates do not stay split across servers.
 pub struct Cluster {
     servers: Vec<(String, ConnectionManager)>,
     current: AtomicUsize,
@@ -197,9 +205,6 @@ pub struct Cluster {
     timeout: Duration,
     in_flight: Arc<Semaphore>,
     start: Instant,
-    /// Nanoseconds since `start` before which a down Redis is not probed again.
-    retry_at: AtomicU64,
-    probing: AtomicBool,
     timeouts_in_row: AtomicU64,
     /// Second (since `start`) of the last failure log line, and lines left out since.
     last_log: AtomicU64,
@@ -207,6 +212,9 @@ pub struct Cluster {
     /// The counters.
     pub stats: ClusterStats,
 }
+
+/// While on a later URL, how often the first one is tried again.
+pub const FAILBACK_EVERY: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -221,15 +229,40 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    /// A client for `cfg`. Nothing is connected yet (the first call connects); a URL that does
-    /// not parse is an error.
-    pub fn new(cfg: &ClusterConfig) -> anyhow::Result<Self> {
+    /// A client for `cfg`, with its health task (which ends when the client is dropped). Must
+    /// run inside a tokio runtime. Nothing waits for Redis here: the first ping and the first
+    /// call connect. A URL that does not parse is an error.
+    pub fn start(cfg: &ClusterConfig) -> anyhow::Result<Arc<Self>> {
+        let cluster = Arc::new(Self::new(cfg)?);
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            let mut failback_at = Instant::now();
+            loop {
+                let Some(c) = weak.upgrade() else { return };
+                if !c.stats.up.load(Ordering::Acquire) {
+                    c.recover().await;
+                } else if c.current.load(Ordering::Relaxed) != 0 && Instant::now() >= failback_at {
+                    failback_at = Instant::now() + FAILBACK_EVERY;
+                    if c.ping(0).await {
+                        c.current.store(0, Ordering::Release);
+                        tracing::info!(server = %c.servers[0].0, "cluster: back on the first Redis server");
+                    }
+                }
+                drop(c);
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+        });
+        Ok(cluster)
+    }
+
+    /// The client alone, without a health task: [`Cluster::start`] is what a gate uses.
+    fn new(cfg: &ClusterConfig) -> anyhow::Result<Self> {
         let mut servers = Vec::with_capacity(cfg.urls.len());
         for url in &cfg.urls {
             let client = redis::Client::open(url.as_str())
                 .map_err(|e| anyhow::anyhow!("cluster.urls: {}: {e}", redact(url)))?;
-            // Reconnection is the manager's; it must not outlast a probe by much, so a few
-            // quick tries, and every operation bounded (the decision timeout bounds it again).
+            // Reconnection is the manager's: a few quick tries, every operation bounded (the
+            // decision timeout bounds it again).
             let config = ConnectionManagerConfig::new()
                 .set_number_of_retries(1)
                 .set_min_delay(Duration::from_millis(20))
@@ -240,6 +273,9 @@ impl Cluster {
                 .map_err(|e| anyhow::anyhow!("cluster.urls: {}: {e}", redact(url)))?;
             servers.push((redact(url), manager));
         }
+        let stats = ClusterStats::default();
+        // Up until shown otherwise (the health task pings at once).
+        stats.up.store(true, Ordering::Relaxed);
         Ok(Self {
             servers,
             current: AtomicUsize::new(0),
@@ -247,12 +283,10 @@ impl Cluster {
             timeout: cfg.timeout,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             start: Instant::now(),
-            retry_at: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
             timeouts_in_row: AtomicU64::new(0),
             last_log: AtomicU64::new(u64::MAX),
             suppressed: AtomicU64::new(0),
-            stats: ClusterStats::default(),
+            stats,
         })
     }
 
@@ -261,55 +295,20 @@ impl Cluster {
         self.timeout
     }
 
-    /// Take `cost` cells (or give back `-cost`) in every bucket, all or none, within the
-    /// decision timeout.
-    pub async fn take(&self, buckets: &[Bucket], cost: i64) -> Outcome {
-        let now = self.ns();
-        // Down: one caller probes, the others go straight to the policy.
-        let probe =
-            !self.stats.up.load(Ordering::Acquire) && self.retry_at.load(Ordering::Acquire) != 0;
-        if probe
-            && (now < self.retry_at.load(Ordering::Acquire)
-                || self.probing.swap(true, Ordering::AcqRel))
-        {
+    /// Take one cell in every bucket, all or none, within the decision timeout.
+    pub async fn take(&self, buckets: &[Bucket]) -> Outcome {
+        if !self.stats.up.load(Ordering::Acquire) {
             return self.failed(Failure::Down, None);
         }
         let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
-            if probe {
-                self.probing.store(false, Ordering::Release);
-            }
             return self.failed(Failure::Busy, None);
         };
-        let server = self.current.load(Ordering::Relaxed) % self.servers.len();
-        let mut conn = self.servers[server].1.clone();
-        let mut call = self.script.prepare_invoke();
-        call.arg(cost);
-        for b in buckets {
-            call.key(&*b.key).arg(b.interval_us).arg(b.tolerance_us);
-        }
+        let server = self.current.load(Ordering::Acquire);
         let sent = Instant::now();
-        let answer = tokio::time::timeout(
-            self.timeout,
-            call.invoke_async::<(i64, i64, i64)>(&mut conn),
-        )
-        .await;
-        if probe {
-            self.probing.store(false, Ordering::Release);
-        }
-        match answer {
+        match self.invoke(server, buckets, 1).await {
             Ok(Ok((ok, index, wait_us))) => {
                 self.stats.roundtrip(sent.elapsed());
                 self.timeouts_in_row.store(0, Ordering::Relaxed);
-                if !self.stats.up.swap(true, Ordering::AcqRel) {
-                    if self.retry_at.load(Ordering::Acquire) != 0 {
-                        self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::info!(server = %self.servers[server].0, "cluster: Redis answers; shared pools are enforced through it");
-                }
-                if cost < 0 {
-                    self.stats.refunds.fetch_add(1, Ordering::Relaxed);
-                    return Outcome::Admitted;
-                }
                 if ok == 1 {
                     self.stats.admitted.fetch_add(1, Ordering::Relaxed);
                     Outcome::Admitted
@@ -318,45 +317,92 @@ impl Cluster {
                     Outcome::Refused {
                         index: usize::try_from(index - 1)
                             .unwrap_or(0)
-                            .min(buckets.len() - 1),
+                            .min(buckets.len().saturating_sub(1)),
                         retry_after: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
                     }
                 }
             }
             Ok(Err(e)) => {
-                self.down(now, server);
+                // Only a connection problem means Redis is away; a server or script error
+                // (a key of the wrong type, a read-only replica) fails this call only.
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                    self.down(server);
+                }
                 self.failed(Failure::Error, Some(&e.to_string()))
             }
             Err(_) => {
                 let n = self.timeouts_in_row.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= TIMEOUTS_TO_DOWN || probe {
-                    self.down(now, server);
+                if n >= TIMEOUTS_TO_DOWN {
+                    self.down(server);
                 }
                 self.failed(Failure::Timeout, None)
             }
         }
     }
 
-    fn ns(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1)
+    /// Give back one cell in every bucket (a later local stage refused the call). Sent on its
+    /// own, after the call was answered; tried twice; it never changes the up/down state (a
+    /// refund that cannot be delivered only leaves a cell used until it refills).
+    pub async fn refund(&self, buckets: &[Bucket]) {
+        let server = self.current.load(Ordering::Acquire);
+        for _ in 0..2 {
+            if let Ok(Ok(_)) = self.invoke(server, buckets, -1).await {
+                self.stats.refunds.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.stats.refund_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Mark Redis down: no call waits on it until the next probe, which goes to the next
-    /// configured server.
-    fn down(&self, now: u64, server: usize) {
-        let next = now + u64::try_from(PROBE_EVERY.as_nanos()).unwrap_or(u64::MAX);
-        self.retry_at.store(next, Ordering::Release);
-        if self.stats.up.swap(false, Ordering::AcqRel) {
-            tracing::warn!(server = %self.servers[server].0, "cluster: Redis unavailable; the failure policy applies to shared pools until it answers again");
+    async fn invoke(
+        &self,
+        server: usize,
+        buckets: &[Bucket],
+        cost: i64,
+    ) -> Result<redis::RedisResult<(i64, i64, i64)>, tokio::time::error::Elapsed> {
+        let mut conn = self.servers[server % self.servers.len()].1.clone();
+        let mut call = self.script.prepare_invoke();
+        call.arg(cost);
+        for b in buckets {
+            call.key(&*b.key).arg(b.interval_us).arg(b.tolerance_us);
         }
-        let _ = self.current.compare_exchange(
-            server,
-            (server + 1) % self.servers.len(),
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        tokio::time::timeout(self.timeout, call.invoke_async(&mut conn)).await
+    }
+
+    /// True when server `i` answers a PING within a second.
+    async fn ping(&self, i: usize) -> bool {
+        let mut conn = self.servers[i].1.clone();
+        let ping = redis::cmd("PING");
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                ping.query_async::<String>(&mut conn)
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// While down: the first server (in `urls` order) that answers becomes current, and the
+    /// shared mode resumes.
+    async fn recover(&self) {
+        for i in 0..self.servers.len() {
+            if self.ping(i).await {
+                self.current.store(i, Ordering::Release);
+                self.timeouts_in_row.store(0, Ordering::Relaxed);
+                self.stats.up.store(true, Ordering::Release);
+                self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(server = %self.servers[i].0, "cluster: Redis answers again; shared pools are enforced through it");
+                return;
+            }
+        }
+    }
+
+    /// Mark Redis down: no call waits on it until the health task finds a server answering.
+    fn down(&self, server: usize) {
+        if self.stats.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(server = %self.servers[server % self.servers.len()].0, "cluster: Redis unavailable; the failure policy applies to shared pools until it answers again");
+        }
     }
 
     /// Count a failure, and log it at most once a second with the number left out.
@@ -401,6 +447,49 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(url: String) -> ClusterConfig {
+        ClusterConfig {
+            urls: vec![url],
+            timeout: Duration::from_millis(200),
+            on_failure: crate::config::FailurePolicy::Closed,
+            instances: 2,
+            key_prefix: "t:".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_marks_redis_down_and_later_calls_do_not_wait() {
+        // A loopback port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let c = Cluster::start(&config(format!("redis://127.0.0.1:{port}/"))).expect("client");
+        let b = [Bucket {
+            key: "t:account:a".into(),
+            interval_us: 1000,
+            tolerance_us: 0,
+        }];
+        assert_eq!(c.take(&b).await, Outcome::Unavailable(Failure::Error));
+        assert!(!c.stats.up.load(Ordering::Relaxed));
+        // Down: answered at once, without a round trip.
+        let t = Instant::now();
+        assert_eq!(c.take(&b).await, Outcome::Unavailable(Failure::Down));
+        assert!(t.elapsed() < Duration::from_millis(50));
+        assert_eq!(
+            (
+                c.stats.failures(Failure::Error),
+                c.stats.failures(Failure::Down)
+            ),
+            (1, 1)
+        );
+        // A refund that cannot be delivered is counted, and changes no state.
+        c.refund(&b).await;
+        assert_eq!(c.stats.refund_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(c.stats.recoveries.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn passwords_are_not_logged() {

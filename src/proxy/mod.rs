@@ -191,8 +191,8 @@ pub enum DropReason {
     UnsafeDestination,
     /// An unsupported transport in the next hop.
     UnsupportedTransport,
-    /// A retransmission, or a CANCEL, of an INVITE whose shared-pool decision is under way
-    /// (the answer to the first copy is coming; a UDP CANCEL is retransmitted by its sender).
+    /// A retransmission of an INVITE whose shared-pool decision is under way (the answer to
+    /// the first copy is coming).
     Pending,
 }
 
@@ -309,6 +309,12 @@ pub enum BuildError {
         /// Target address.
         addr: SocketAddr,
     },
+    /// A reload that adds or removes `[cluster]` or changes its servers: the Redis client is
+    /// built at start.
+    #[error(
+        "[cluster] cannot be added, removed or pointed at other servers by a reload (cluster.urls take effect at the next start)"
+    )]
+    ClusterChanged,
 }
 
 /// What outlives a reload: listeners (bound once), hash keys, the draining flag, the decision
@@ -324,6 +330,10 @@ struct Shared {
     max_call_ns: u64,
     cancels_answered: std::sync::atomic::AtomicU64,
     queue: dashmap::DashMap<u64, Waiting>,
+    /// The Redis servers the gate started with (its client is built once).
+    cluster_urls: Option<Vec<String>>,
+    /// Calls whose shared buckets are being asked in Redis: cancelled meanwhile?, since (ns).
+    pending: dashmap::DashMap<u64, (bool, u64)>,
 }
 
 /// The stateless proxy core, as seen through one configuration. A reload builds a new one (its
@@ -367,10 +377,13 @@ struct SharedBucket {
 impl SharedBucket {
     fn bucket(&self) -> crate::cluster::Bucket {
         let (interval, tolerance) = self.params.get();
+        // Rounded to the nearest microsecond (truncating would over-admit high rates), and the
+        // tolerance kept a whole number of intervals.
+        let interval_us = ((interval + 500) / 1000).max(1);
         crate::cluster::Bucket {
             key: self.key.clone(),
-            interval_us: (interval / 1000).max(1),
-            tolerance_us: tolerance / 1000,
+            interval_us,
+            tolerance_us: interval_us * (tolerance / interval.max(1)),
         }
     }
 }
@@ -483,7 +496,9 @@ enum Verdict {
     Terminated,
     /// Answered 503 while waiting, at shutdown: retransmissions get it again, a CANCEL a 200.
     ShutDown,
-    /// Its shared buckets are being asked in Redis: retransmissions wait for the answer.
+    /// Its shared buckets are being asked in Redis: retransmissions wait for the answer, a
+    /// CANCEL is answered and the INVITE then gets 487. Known by `Shared.pending`, never
+    /// stored in the decision cache.
     Pending,
 }
 
@@ -642,8 +657,13 @@ pub struct KeyView {
     pub rate: f64,
     /// Burst cells.
     pub burst: u32,
-    /// Cells that could go back to back now.
-    pub available: u32,
+    /// Cells that could go back to back now (not known here for a bucket kept in Redis).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available: Option<u32>,
+    /// Kept in Redis, one limit for every gate (`rate` and `burst` are the cluster-wide
+    /// ones; this gate's own share applies only while Redis does not answer).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
     /// Calls admitted in the last whole second.
     pub cps: u64,
     /// Calls admitted since start.
@@ -764,6 +784,8 @@ impl Proxy {
             max_call_ns: cfg.usage.max_call_secs * 1_000_000_000,
             cancels_answered: std::sync::atomic::AtomicU64::new(0),
             queue: dashmap::DashMap::new(),
+            cluster_urls: cfg.cluster.as_ref().map(|c| c.urls.clone()),
+            pending: dashmap::DashMap::new(),
         });
         let chain = Arc::new(Chain::new(&chain_spec(cfg), Epoch::new(start)));
         let core = Core::build(cfg, shared.clone(), chain)?;
@@ -778,6 +800,9 @@ impl Proxy {
     /// burst change in place); new ones start full. Listeners and the hash secret are fixed at
     /// start. On error nothing changes.
     pub fn reload(&self, cfg: &Config, now: Instant) -> Result<(), BuildError> {
+        if cfg.cluster.as_ref().map(|c| &c.urls) != self.shared.cluster_urls.as_ref() {
+            return Err(BuildError::ClusterChanged);
+        }
         let old = self.core.load();
         // Everything that can fail (name resolution, listener fit) first, on the old chain;
         // only then are the live buckets rescaled.
@@ -907,6 +932,11 @@ impl Proxy {
         }
         self.shared.decisions.sweep(ns);
         self.shared.admitted.sweep(ns);
+        // Settled within the decision timeout; anything older lost its task (shutdown).
+        let ttl = DECISION_TTL.as_nanos() as u64;
+        self.shared
+            .pending
+            .retain(|_, (_, since)| ns.saturating_sub(*since) < ttl);
         // A followed call that reached Timer C without a final answer failed (a carrier that
         // never answers must not leave ASR at 100 %).
         self.shared.dialogs.sweep_with(ns, |d| {
@@ -943,11 +973,12 @@ impl Proxy {
     pub fn snapshot(&self, now: Instant) -> Snapshot {
         let core = self.core.load();
         let ns = core.chain.epoch().ns(now);
-        let view = |k: &crate::limiter::Keyed| KeyView {
+        let view = |k: &crate::limiter::Keyed, shared: Option<&Arc<SharedBucket>>| KeyView {
             name: k.name.clone(),
-            rate: k.bucket.limit().rate,
-            burst: k.bucket.limit().burst,
-            available: k.bucket.available(now),
+            rate: shared.map_or(k.bucket.limit(), |b| b.params.limit()).rate,
+            burst: shared.map_or(k.bucket.limit(), |b| b.params.limit()).burst,
+            available: shared.is_none().then(|| k.bucket.available(now)),
+            shared: shared.is_some(),
             cps: k.stats.cps(ns),
             admitted: k.stats.admitted(),
             usage: k.stats.usage(ns),
@@ -967,13 +998,20 @@ impl Proxy {
                 .trunks()
                 .iter()
                 .zip(core.routes.trunks())
-                .map(|(k, t)| TrunkView {
+                .enumerate()
+                .map(|(i, (k, t))| TrunkView {
                     account: t.account.map(|a| core.account_names[a].to_string()),
                     upstream: core.upstream_names[t.upstream].to_string(),
-                    limits: view(k),
+                    limits: view(k, core.shared_bucket(LimitKind::Trunk, i)),
                 })
                 .collect(),
-            accounts: core.chain.accounts().iter().map(view).collect(),
+            accounts: core
+                .chain
+                .accounts()
+                .iter()
+                .enumerate()
+                .map(|(i, k)| view(k, core.shared_bucket(LimitKind::Account, i)))
+                .collect(),
             tables: self.table_sizes(),
             draining: self
                 .shared
@@ -992,9 +1030,9 @@ impl Proxy {
         now: Instant,
     ) -> Result<(), UnknownName> {
         let core = self.core.load();
-        let (list, shared) = match (kind, &core.cluster) {
-            (LimitKind::Trunk, c) => (core.chain.trunks(), c.as_ref().map(|c| &c.trunks)),
-            (LimitKind::Account, c) => (core.chain.accounts(), c.as_ref().map(|c| &c.accounts)),
+        let list = match kind {
+            LimitKind::Trunk => core.chain.trunks(),
+            LimitKind::Account => core.chain.accounts(),
         };
         let i = list
             .iter()
@@ -1002,7 +1040,7 @@ impl Proxy {
             .ok_or(UnknownName)?;
         // A shared bucket: the cluster-wide limit this gate asks Redis for (each gate has its
         // own; set it on every one), and the local share.
-        match (shared.and_then(|s| s[i].as_ref()), &core.cluster) {
+        match (core.shared_bucket(kind, i), &core.cluster) {
             (Some(b), Some(c)) => {
                 b.params.set(limit);
                 list[i].bucket.rescale(now, local_share(limit, c.instances));
@@ -1010,6 +1048,20 @@ impl Proxy {
             _ => list[i].bucket.rescale(now, limit),
         }
         Ok(())
+    }
+
+    /// A trunk's or account's limit: the cluster-wide one for a bucket kept in Redis.
+    pub fn limit(&self, kind: LimitKind, name: &str) -> Option<crate::limiter::Limit> {
+        let core = self.core.load();
+        let list = match kind {
+            LimitKind::Trunk => core.chain.trunks(),
+            LimitKind::Account => core.chain.accounts(),
+        };
+        let i = list.iter().position(|k| k.name == name)?;
+        Some(
+            core.shared_bucket(kind, i)
+                .map_or(list[i].bucket.limit(), |b| b.params.limit()),
+        )
     }
 
     /// The `;cg=` dialog mark our Record-Route carries for this message's Call-ID.
@@ -1252,8 +1304,8 @@ impl Core {
             if let Some((ask, _, taken)) = &consult {
                 self.chain.refund_stages(ask, *taken);
                 self.shared
-                    .decisions
-                    .remove(self.transaction_hash(b'd', msg, &req.top_via));
+                    .pending
+                    .remove(&self.transaction_hash(b'd', msg, &req.top_via));
             }
             if (paced.is_some() || consult.is_some()) && self.record_route {
                 self.shared.dialogs.remove(self.dialog_key(msg));
@@ -1302,9 +1354,11 @@ impl Core {
             udp_fallback: fallback,
         };
         if let Some((ask, shared, taken)) = consult {
-            let target = match hop_target {
-                Some(t) => t,
-                None => return Action::Forward(forward),
+            // Only a call sent to a configured target is admitted (`admit` returns early for
+            // any other hop), so there is always one here.
+            let Some(target) = hop_target else {
+                unbook(None, Some((ask, shared, taken)));
+                return Action::Drop(DropReason::Unanswerable);
             };
             let buckets = self
                 .cluster
@@ -1455,11 +1509,21 @@ impl Core {
     fn known_transaction(&self, now: Instant, msg: &Message<'_>, req: &RequestView) -> bool {
         let key = self.transaction_hash(b'd', msg, &req.top_via);
         self.shared.queue.contains_key(&key)
+            || self.shared.pending.contains_key(&key)
             || self
                 .shared
                 .decisions
                 .get(key, self.chain.epoch().ns(now), |d| d.verdict)
                 .is_some()
+    }
+
+    /// The Redis bucket of trunk or account `i`, when it is shared.
+    fn shared_bucket(&self, kind: LimitKind, i: usize) -> Option<&Arc<SharedBucket>> {
+        let c = self.cluster.as_ref()?;
+        match kind {
+            LimitKind::Trunk => c.trunks.get(i)?.as_ref(),
+            LimitKind::Account => c.accounts.get(i)?.as_ref(),
+        }
     }
 
     /// The key of a call attempt across its auth retries: Call-ID and From-tag.
@@ -1475,7 +1539,72 @@ impl Core {
     }
 
     /// The second half of admission for a call with shared buckets (see [`Proxy::settle`]).
+    /// The call's `pending` entry stays locked until its verdict is written, so a CANCEL either
+    /// finds it still pending (and this answers the INVITE 487) or finds the verdict.
     fn settle(&self, c: Consult, outcome: crate::cluster::Outcome, now: Instant) -> Settled {
+        use dashmap::mapref::entry::Entry;
+        let entry = self.shared.pending.entry(c.pending.key);
+        let cancelled = matches!(&entry, Entry::Occupied(e) if e.get().0);
+        let settled = if cancelled {
+            self.terminate(c, outcome, now)
+        } else {
+            self.decide(c, outcome, now)
+        };
+        if let Entry::Occupied(e) = entry {
+            e.remove();
+        }
+        settled
+    }
+
+    /// A call cancelled while Redis was asked: its cells go back (Redis's too, when it gave
+    /// them) and the INVITE is answered 487 (RFC 3261 §9.2).
+    fn terminate(&self, c: Consult, outcome: crate::cluster::Outcome, now: Instant) -> Settled {
+        let p = c.pending;
+        let now_ns = self.chain.epoch().ns(now);
+        self.chain.refund_stages(&p.ask, p.taken);
+        self.shared.decisions.insert(
+            p.key,
+            now_ns,
+            Decision {
+                expires: now_ns.saturating_add(DECISION_TTL.as_nanos() as u64),
+                verdict: Verdict::Terminated,
+            },
+        );
+        let inb = Inbound {
+            data: &p.invite,
+            source: p.source,
+            transport: p.transport,
+            listener: p.listener,
+            conn: p.conn,
+        };
+        let action = match Message::scan(&p.invite) {
+            Ok(msg) => match RequestView::parse(&msg) {
+                Ok(req) => {
+                    if self.record_route {
+                        self.shared.dialogs.remove(self.dialog_key(&msg));
+                    }
+                    self.shared.admitted.remove(self.attempt_key(&msg, &req));
+                    let via_edits = received_edits(&req.top_via, p.source);
+                    self.reply(
+                        &msg,
+                        &req,
+                        &via_edits,
+                        &inb,
+                        refuse(487, "Request Terminated"),
+                    )
+                }
+                Err(_) => Action::Drop(DropReason::Unanswerable),
+            },
+            Err(_) => Action::Drop(DropReason::NotSip),
+        };
+        Settled {
+            action,
+            fallback: None,
+            refund: (outcome == crate::cluster::Outcome::Admitted).then_some(c.buckets),
+        }
+    }
+
+    fn decide(&self, c: Consult, outcome: crate::cluster::Outcome, now: Instant) -> Settled {
         use crate::cluster::{Fallback, Outcome};
         let Consult {
             buckets,
@@ -1826,6 +1955,8 @@ impl Core {
         // A waiting call is known by the queue itself, whatever the cache has forgotten.
         let cached = if self.shared.queue.contains_key(&key) {
             Some(Verdict::Queued)
+        } else if self.shared.pending.contains_key(&key) {
+            Some(Verdict::Pending)
         } else {
             self.shared.decisions.get(key, now_ns, |d| d.verdict)
         };
@@ -1852,7 +1983,29 @@ impl Core {
                 Some(Verdict::Terminated | Verdict::ShutDown) => {
                     Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
                 }
-                Some(Verdict::Pending) => Some(Action::Drop(DropReason::Pending)),
+                // §9.2: answered at once; `settle` then answers the INVITE 487.
+                Some(Verdict::Pending) => {
+                    let marked = self
+                        .shared
+                        .pending
+                        .get_mut(&key)
+                        .map(|mut e| e.0 = true)
+                        .is_some();
+                    match marked {
+                        true => Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK"))),
+                        // Decided a moment ago: like any decided INVITE.
+                        false => match self.shared.decisions.get(key, now_ns, |d| d.verdict) {
+                            Some(Verdict::Forwarded(res)) => {
+                                *hop = Hop::Target(res.resolved());
+                                None
+                            }
+                            Some(_) => {
+                                Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
+                            }
+                            None => None,
+                        },
+                    }
+                }
                 Some(Verdict::Queued) => match self.cancel_waiting(key, now_ns) {
                     Some(terminated) => {
                         let (_, ok) = self.answer(msg, req, via_edits, inb, &refuse(200, "OK"));
@@ -2050,15 +2203,19 @@ impl Core {
                 );
             }
         }
-        // A paced call's verdict is written by `enqueue`, once it is in the queue.
-        if paced.is_none() {
-            let verdict = match consult {
-                Some(_) => Verdict::Pending,
-                None => Verdict::Forwarded(CompactTarget::from_resolved(target)),
-            };
-            self.shared
-                .decisions
-                .insert(key, now_ns, Decision { expires, verdict });
+        // A paced call's verdict is written by `enqueue`, once it is in the queue; a call asked
+        // in Redis is known by `pending` until `settle` writes its verdict.
+        if consult.is_some() {
+            self.shared.pending.insert(key, (false, now_ns));
+        } else if paced.is_none() {
+            self.shared.decisions.insert(
+                key,
+                now_ns,
+                Decision {
+                    expires,
+                    verdict: Verdict::Forwarded(CompactTarget::from_resolved(target)),
+                },
+            );
         }
         None
     }

@@ -1786,6 +1786,8 @@ fn a_shared_pool_is_asked_in_redis_after_the_local_trunk() {
     let t0 = Instant::now();
     let p = clustered(t0, "closed", "");
     let c = consult(at(&p, &call(0), PBX, t0));
+    // The local trunk (burst 2) took its cell before Redis is asked.
+    assert_eq!(p.chain().trunk(0).available(t0), 1);
     assert_eq!(c.buckets.len(), 1);
     assert_eq!(&*c.buckets[0].key, "cpsgate:account:pool");
     // 100 CPS, burst 10, in integer microseconds.
@@ -1805,6 +1807,10 @@ fn a_shared_pool_is_asked_in_redis_after_the_local_trunk() {
     // Decided: a retransmission follows it, uncharged and without asking Redis again.
     assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
     assert_eq!(p.snapshot(t0).trunks[0].limits.admitted, 1);
+    // A call the local trunk refuses never costs a round trip.
+    let _ = consult(at(&p, &call(1), PBX, t0));
+    let (r, _) = rejected(at(&p, &call(2), PBX, t0));
+    assert_eq!(r.stage, Stage::Trunk);
 }
 
 #[test]
@@ -1897,6 +1903,25 @@ fn a_later_local_stage_refusing_returns_the_shared_cell() {
     let s = p.settle(c, Outcome::Admitted, t0);
     assert_eq!(rejected(s.action).0.stage, Stage::Global);
     assert_eq!(s.refund, Some(buckets));
+    // Under local_share the cell taken from this gate's share goes back instead.
+    let p = clustered(
+        t0,
+        "local_share",
+        "\n[limits]\nglobal = { rate = 1, burst = 1 }\n",
+    );
+    let down = Outcome::Unavailable(Failure::Error);
+    let s = p.settle(consult(at(&p, &call(0), PBX, t0)), down, t0);
+    assert!(matches!(s.action, Action::Forward(_)));
+    assert_eq!(p.chain().account(0).available(t0), 2);
+    let s = p.settle(consult(at(&p, &call(1), PBX, t0)), down, t0);
+    assert_eq!(rejected(s.action).0.stage, Stage::Global);
+    assert!(s.refund.is_none());
+    assert_eq!(
+        p.chain().account(0).available(t0),
+        2,
+        "the share's cell went back"
+    );
+    assert_eq!(p.chain().trunk(0).available(t0), 1, "and the trunk's");
 }
 
 #[test]
@@ -1919,22 +1944,112 @@ fn a_shared_trunk_and_its_shared_pool_go_to_redis_together() {
         t0,
     );
     assert_eq!(rejected(s.action).0.stage, Stage::Trunk);
+    // The second key is the pool.
+    let s = p.settle(
+        consult(at(&p, &call(1), PBX, t0)),
+        Outcome::Refused {
+            index: 1,
+            retry_after: Duration::ZERO,
+        },
+        t0,
+    );
+    assert_eq!(rejected(s.action).0.stage, Stage::Account);
 }
 
 #[test]
-fn a_cancel_while_redis_is_asked_is_dropped_for_its_retransmission() {
+fn a_cancel_while_redis_is_asked_is_answered_and_the_invite_gets_487() {
     let t0 = Instant::now();
     let p = clustered(t0, "closed", "");
     let c = consult(at(&p, &call(0), PBX, t0));
+    let buckets = c.buckets.clone();
     let cancel = call(0)
         .replace("INVITE sip:", "CANCEL sip:")
         .replace("1 INVITE", "1 CANCEL");
-    assert!(matches!(
-        at(&p, &cancel, PBX, t0),
-        Action::Drop(DropReason::Pending)
-    ));
+    let (code, _, _) = replied(at(&p, &cancel, PBX, t0));
+    assert_eq!(code, 200);
+    // Redis admitted it meanwhile: the call is not forwarded, Redis gets its cell back, and
+    // so does the trunk.
+    let s = p.settle(c, Outcome::Admitted, t0);
+    let (code, _, text) = replied(s.action);
+    assert_eq!(code, 487, "{text}");
+    assert_eq!(s.refund, Some(buckets));
+    assert_eq!(p.chain().trunk(0).available(t0), 2);
+    // Retransmissions: the CANCEL gets its 200 again, the INVITE its 487.
+    assert_eq!(replied(at(&p, &cancel, PBX, t0)).0, 200);
+    assert_eq!(replied(at(&p, &call(0), PBX, t0)).0, 487);
+}
+
+#[test]
+fn a_cancel_after_the_verdict_follows_the_forwarded_invite() {
+    let t0 = Instant::now();
+    let p = clustered(t0, "closed", "");
+    let c = consult(at(&p, &call(0), PBX, t0));
     let _ = forwarded(p.settle(c, Outcome::Admitted, t0).action);
-    // The retransmitted CANCEL follows the forwarded INVITE.
+    let cancel = call(0)
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL");
     let (out, _) = forwarded(at(&p, &cancel, PBX, t0));
     assert_eq!(out.to, NextHop::Addr(CARRIER.parse().expect("addr")));
+}
+
+#[test]
+fn a_reload_cannot_add_or_move_the_cluster_but_can_share_another_pool() {
+    let t0 = Instant::now();
+    let p = clustered(t0, "closed", "");
+    let parse = |t: &str| Config::parse(t, "test").expect("valid");
+    let moved = CLUSTERED
+        .replace("POLICY", "closed")
+        .replace("127.0.0.1:1/", "127.0.0.1:2/");
+    assert!(matches!(
+        p.reload(&parse(&moved), t0),
+        Err(BuildError::ClusterChanged)
+    ));
+    let plain = proxy_with(CFG);
+    let added = format!("{CFG}\n[cluster]\nurls = [\"redis://127.0.0.1:1/\"]\n");
+    assert!(matches!(
+        plain.reload(&parse(&added), t0),
+        Err(BuildError::ClusterChanged)
+    ));
+    // The same servers: the policy and the shared flags change with the reload.
+    let unshared = CLUSTERED
+        .replace("POLICY", "open")
+        .replace("shared = true\n", "");
+    p.reload(&parse(&unshared), t0).expect("reloads");
+    assert!(matches!(at(&p, &call(0), PBX, t0), Action::Forward(_)));
+}
+
+#[test]
+fn a_shared_pool_shows_its_cluster_wide_limit_and_put_changes_both() {
+    let t0 = Instant::now();
+    let p = clustered(t0, "local_share", "");
+    let a = &p.snapshot(t0).accounts[0];
+    assert_eq!(
+        (a.rate, a.burst, a.available, a.shared),
+        (100.0, 10, None, true)
+    );
+    let t = &p.snapshot(t0).trunks[0].limits;
+    assert_eq!((t.available, t.shared), (Some(2), false));
+    p.set_limit(
+        LimitKind::Account,
+        "pool",
+        crate::limiter::Limit {
+            rate: 200.0,
+            burst: 8,
+        },
+        t0,
+    )
+    .expect("known");
+    assert_eq!(
+        p.limit(LimitKind::Account, "pool")
+            .map(|l| (l.rate, l.burst)),
+        Some((200.0, 8))
+    );
+    // Redis is asked for the new limit; this gate's share is a quarter of it.
+    let c = consult(at(&p, &call(0), PBX, t0));
+    assert_eq!(
+        (c.buckets[0].interval_us, c.buckets[0].tolerance_us),
+        (5000, 35_000)
+    );
+    assert_eq!(p.chain().account(0).limit().burst, 2);
+    assert!((p.chain().account(0).limit().rate - 50.0).abs() < 1e-9);
 }

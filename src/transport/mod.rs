@@ -278,7 +278,7 @@ impl Shell {
                 self.tracker.spawn(async move {
                     let (source, transport) = c.origin();
                     let outcome = match &shell.cluster {
-                        Some(cluster) => cluster.take(&c.buckets, 1).await,
+                        Some(cluster) => cluster.take(&c.buckets).await,
                         None => Outcome::Unavailable(Failure::Error),
                     };
                     let settled = shell.proxy.settle(*c, outcome, Instant::now());
@@ -287,13 +287,19 @@ impl Shell {
                             cluster.stats.fallback(f);
                         }
                         if let Some(buckets) = settled.refund {
-                            // A later local stage refused: the shared cells go back.
-                            cluster.take(&buckets, -1).await;
+                            // A later local stage refused: the shared cells go back, on their
+                            // own (the refusal does not wait for it).
+                            let cluster = cluster.clone();
+                            shell
+                                .tracker
+                                .spawn(async move { cluster.refund(&buckets).await });
                         }
                     }
                     shell.observe(&settled.action, source, transport);
-                    // A forward or a refusal (never another consult).
-                    if let Action::Forward(out) | Action::Reject(_, out) = settled.action {
+                    // A forward, a refusal or a 487 (never another consult).
+                    if let Action::Forward(out) | Action::Reject(_, out) | Action::Reply(_, out) =
+                        settled.action
+                    {
                         shell.send(out).await;
                     }
                 });

@@ -84,8 +84,8 @@ impl Drop for RedisServer {
     }
 }
 
-fn client(url: &str, timeout_ms: u64) -> Cluster {
-    Cluster::new(&ClusterConfig {
+fn client(url: &str, timeout_ms: u64) -> Arc<Cluster> {
+    Cluster::start(&ClusterConfig {
         urls: vec![url.to_owned()],
         timeout: Duration::from_millis(timeout_ms),
         on_failure: FailurePolicy::Closed,
@@ -108,9 +108,9 @@ async fn the_script_is_a_gcra_on_the_server_clock_in_integer_microseconds() {
         tolerance_us: 2_000_000,
     }];
     for _ in 0..3 {
-        assert_eq!(c.take(&b, 1).await, Outcome::Admitted);
+        assert_eq!(c.take(&b).await, Outcome::Admitted);
     }
-    let Outcome::Refused { index, retry_after } = c.take(&b, 1).await else {
+    let Outcome::Refused { index, retry_after } = c.take(&b).await else {
         panic!("the fourth cell of a burst of 3 is refused");
     };
     assert_eq!(index, 0);
@@ -144,9 +144,9 @@ async fn the_script_is_a_gcra_on_the_server_clock_in_integer_microseconds() {
         "the key lives until the bucket is full: {ttl}"
     );
     // A refund (cost -1) gives one cell back.
-    assert_eq!(c.take(&b, -1).await, Outcome::Admitted);
-    assert_eq!(c.take(&b, 1).await, Outcome::Admitted);
-    assert!(matches!(c.take(&b, 1).await, Outcome::Refused { .. }));
+    c.refund(&b).await;
+    assert_eq!(c.take(&b).await, Outcome::Admitted);
+    assert!(matches!(c.take(&b).await, Outcome::Refused { .. }));
     // Two keys, all or none: the full one refuses and the other is left untouched.
     let two = vec![
         Bucket {
@@ -156,7 +156,7 @@ async fn the_script_is_a_gcra_on_the_server_clock_in_integer_microseconds() {
         },
         b[0].clone(),
     ];
-    let Outcome::Refused { index, .. } = c.take(&two, 1).await else {
+    let Outcome::Refused { index, .. } = c.take(&two).await else {
         panic!("the pool is full");
     };
     assert_eq!(index, 1);
@@ -177,7 +177,7 @@ async fn the_script_is_a_gcra_on_the_server_clock_in_integer_microseconds() {
         interval_us: 1000,
         tolerance_us: 0,
     }];
-    assert_eq!(c.take(&fresh, 1).await, Outcome::Admitted);
+    assert_eq!(c.take(&fresh).await, Outcome::Admitted);
     assert_eq!(c.stats.admitted.load(Ordering::Relaxed), 5);
     assert_eq!(c.stats.refunds.load(Ordering::Relaxed), 1);
 }
