@@ -464,3 +464,60 @@ async fn a_redis_outage_applies_each_policy_and_the_shared_mode_returns() {
     assert!(down <= 1.0, "closed admitted {down} CPS without Redis");
     assert!((95.0..=105.0).contains(&after), "{after}");
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server (Debian redis-server); run by .ci/run"]
+async fn a_second_url_takes_over_and_the_first_is_used_again_when_back() {
+    let mut first = RedisServer::start();
+    let second = RedisServer::start();
+    let c = Cluster::start(&ClusterConfig {
+        urls: vec![first.url(), second.url()],
+        timeout: Duration::from_millis(500),
+        on_failure: FailurePolicy::Closed,
+        instances: 1,
+        key_prefix: "t:".into(),
+    })
+    .expect("client");
+    let b = vec![Bucket {
+        key: "t:account:f".into(),
+        interval_us: 1_000_000,
+        tolerance_us: 1_000_000_000,
+    }];
+    let holds = |r: &RedisServer| {
+        let url = r.url();
+        async move {
+            let mut conn = redis::Client::open(url)
+                .expect("url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            redis::cmd("EXISTS")
+                .arg("t:account:f")
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("exists")
+                == 1
+        }
+    };
+    assert_eq!(c.take(&b).await, Outcome::Admitted);
+    assert!(holds(&first).await && !holds(&second).await);
+    first.kill();
+    // Until the health task finds the second server, calls go to the policy; then to it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.take(&b).await != Outcome::Admitted {
+        assert!(Instant::now() < deadline, "the second server took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(holds(&second).await);
+    first.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(c.take(&b).await, Outcome::Admitted);
+        if holds(&first).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "back on the first server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(c.stats.recoveries.load(Ordering::Relaxed) >= 1);
+}
