@@ -1556,6 +1556,34 @@ impl Core {
         settled
     }
 
+    /// Answer a call that asked Redis and was not admitted, from its stored bytes; it is not
+    /// followed, and gets no free auth retries.
+    fn answer_unadmitted(
+        &self,
+        p: &Pending,
+        answer: impl FnOnce(&Message<'_>, &RequestView, &Edits, &Inbound<'_>) -> Action,
+    ) -> Action {
+        let inb = Inbound {
+            data: &p.invite,
+            source: p.source,
+            transport: p.transport,
+            listener: p.listener,
+            conn: p.conn,
+        };
+        let Ok(msg) = Message::scan(&p.invite) else {
+            return Action::Drop(DropReason::NotSip);
+        };
+        let Ok(req) = RequestView::parse(&msg) else {
+            return Action::Drop(DropReason::Unanswerable);
+        };
+        if self.record_route {
+            self.shared.dialogs.remove(self.dialog_key(&msg));
+        }
+        self.shared.admitted.remove(self.attempt_key(&msg, &req));
+        let via_edits = received_edits(&req.top_via, p.source);
+        answer(&msg, &req, &via_edits, &inb)
+    }
+
     /// A call cancelled while Redis was asked: its cells go back (Redis's too, when it gave
     /// them) and the INVITE is answered 487 (RFC 3261 §9.2).
     fn terminate(&self, c: Consult, outcome: crate::cluster::Outcome, now: Instant) -> Settled {
@@ -1570,33 +1598,9 @@ impl Core {
                 verdict: Verdict::Terminated,
             },
         );
-        let inb = Inbound {
-            data: &p.invite,
-            source: p.source,
-            transport: p.transport,
-            listener: p.listener,
-            conn: p.conn,
-        };
-        let action = match Message::scan(&p.invite) {
-            Ok(msg) => match RequestView::parse(&msg) {
-                Ok(req) => {
-                    if self.record_route {
-                        self.shared.dialogs.remove(self.dialog_key(&msg));
-                    }
-                    self.shared.admitted.remove(self.attempt_key(&msg, &req));
-                    let via_edits = received_edits(&req.top_via, p.source);
-                    self.reply(
-                        &msg,
-                        &req,
-                        &via_edits,
-                        &inb,
-                        refuse(487, "Request Terminated"),
-                    )
-                }
-                Err(_) => Action::Drop(DropReason::Unanswerable),
-            },
-            Err(_) => Action::Drop(DropReason::NotSip),
-        };
+        let action = self.answer_unadmitted(&p, |msg, req, via_edits, inb| {
+            self.reply(msg, req, via_edits, inb, refuse(487, "Request Terminated"))
+        });
         Settled {
             action,
             fallback: None,
@@ -1702,37 +1706,18 @@ impl Core {
                 verdict: Verdict::Rejected(stage),
             },
         );
-        let inb = Inbound {
-            data: &p.invite,
-            source: p.source,
-            transport: p.transport,
-            listener: p.listener,
-            conn: p.conn,
-        };
-        let action = match Message::scan(&p.invite) {
-            Ok(msg) => match RequestView::parse(&msg) {
-                Ok(req) => {
-                    // Not followed, and no free auth retries for a refused attempt.
-                    if self.record_route {
-                        self.shared.dialogs.remove(self.dialog_key(&msg));
-                    }
-                    self.shared.admitted.remove(self.attempt_key(&msg, &req));
-                    let via_edits = received_edits(&req.top_via, p.source);
-                    self.reject(
-                        &msg,
-                        &req,
-                        &via_edits,
-                        &inb,
-                        p.origin,
-                        stage,
-                        Some(retry_after),
-                        p.key,
-                    )
-                }
-                Err(_) => Action::Drop(DropReason::Unanswerable),
-            },
-            Err(_) => Action::Drop(DropReason::NotSip),
-        };
+        let action = self.answer_unadmitted(&p, |msg, req, via_edits, inb| {
+            self.reject(
+                msg,
+                req,
+                via_edits,
+                inb,
+                p.origin,
+                stage,
+                Some(retry_after),
+                p.key,
+            )
+        });
         Settled {
             action,
             fallback,
