@@ -44,6 +44,40 @@ pub enum Command {
         /// Configuration file.
         file: PathBuf,
     },
+    /// Offer calls to a gate, playing the PBX (and with --uas the carrier too); one line per
+    /// second, a summary at the end.
+    Load {
+        /// The gate's SIP address.
+        #[arg(long)]
+        gate: std::net::SocketAddr,
+        /// Transport to and from the gate.
+        #[arg(long, value_parser = ["udp", "tcp"], default_value = "udp")]
+        transport: String,
+        /// Target calls per second.
+        #[arg(long, default_value_t = 100.0)]
+        cps: f64,
+        /// Seconds of load (default 10, unless --calls is given).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Number of calls (instead of a duration).
+        #[arg(long)]
+        calls: Option<u64>,
+        /// Local address of the PBX side.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: std::net::SocketAddr,
+        /// Also play the carrier on this address (the gate's upstream for the PBX's trunk).
+        #[arg(long)]
+        uas: Option<std::net::SocketAddr>,
+        /// Seconds to wait for late answers after the last INVITE.
+        #[arg(long, default_value_t = 2.0)]
+        drain: f64,
+        /// Write the summary as JSON to this file (`-` for standard output).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// No per-second lines.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 /// Run the parsed command line.
@@ -70,6 +104,88 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Load {
+            gate,
+            transport,
+            cps,
+            duration,
+            calls,
+            bind,
+            uas,
+            drain,
+            json,
+            quiet,
+        } => {
+            let bad = |what: &str| {
+                eprintln!("cpsgate load: {what}");
+                ExitCode::from(EXIT_CONFIG)
+            };
+            if !(cps.is_finite() && cps > 0.0 && cps <= 10_000_000.0) {
+                return bad("--cps must be a rate above 0");
+            }
+            if duration.is_some_and(|d| !(d.is_finite() && d > 0.0 && d <= 86_400.0)) {
+                return bad("--duration must be seconds above 0 (at most a day)");
+            }
+            if calls == Some(0) || calls.is_some_and(|c| c > 100_000_000) {
+                return bad("--calls must be between 1 and 100000000");
+            }
+            if !(drain.is_finite() && (0.0..=300.0).contains(&drain)) {
+                return bad("--drain must be seconds between 0 and 300");
+            }
+            let args = crate::load::LoadArgs {
+                gate,
+                tcp: transport == "tcp",
+                cps,
+                calls,
+                duration,
+                uac: bind,
+                uas,
+                drain: std::time::Duration::from_secs_f64(drain),
+                live: !quiet,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            match runtime.block_on(crate::load::run(args)) {
+                Ok(s) => {
+                    println!(
+                        "offered {} calls in {:.2} s ({:.1} CPS, target {}): reached the carrier {}, answered {}, completed {}, refused {:?}, lost {}; latency to first answer p50 {:.3} ms, p99 {:.3} ms",
+                        s.offered,
+                        s.seconds,
+                        s.offered_cps,
+                        s.target_cps,
+                        s.reached,
+                        s.answered,
+                        s.completed,
+                        s.refused,
+                        s.lost,
+                        s.p50_ms,
+                        s.p99_ms
+                    );
+                    if let Some(path) = json {
+                        let text = serde_json::to_string_pretty(&s).unwrap_or_default();
+                        if path.as_os_str() == "-" {
+                            println!("{text}");
+                        } else if let Err(e) = std::fs::write(&path, text) {
+                            eprintln!("cpsgate load: writing {}: {e}", path.display());
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cpsgate load: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::Run { config } => {
             // The config is read and validated before anything is bound.
             let cfg = match Config::load(&config) {

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod limiter;
+pub mod load;
 pub mod proxy;
 pub mod routing;
 pub mod sip;
