@@ -133,7 +133,9 @@ struct State {
 
 impl State {
     fn ns(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(self.start.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 }
 
@@ -561,7 +563,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
             .iter()
             .filter(|f| f.load(Ordering::Relaxed) != FINAL_NONE)
             .count();
-        let done = state.completed.load(Ordering::Relaxed) + state.refused.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+        let done = state.completed.load(Ordering::Relaxed)
+            + state
+                .refused
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum::<u64>();
         if decided == total_usize && done >= total {
             break;
         }

@@ -9,6 +9,7 @@ mod flows;
 mod harness;
 mod interop;
 mod limits;
+mod load;
 mod roundtrip;
 mod smoke;
 mod torture;
