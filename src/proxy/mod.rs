@@ -1867,7 +1867,7 @@ impl Core {
         if !in_dialog {
             remove_elements(msg, &req.routes, &removed, edits);
             if let Some(u) = new_ruri {
-                edits.replace(ruri_range, buf[u.range].to_vec());
+                edits.replace(ruri_range, &buf[u.range]);
             }
             let target = match origin {
                 Origin::Carrier(_) => self
@@ -1906,7 +1906,7 @@ impl Core {
         };
         remove_elements(msg, &req.routes, &removed, edits);
         if let Some(u) = new_ruri {
-            edits.replace(ruri_range, buf[u.range].to_vec());
+            edits.replace(ruri_range, &buf[u.range]);
         }
         if self.is_us(buf, &next).is_some() {
             return Err(refuse(482, "Loop Detected"));
@@ -2391,9 +2391,9 @@ impl Core {
         let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
         h.write_u8(b'r');
         h.write(msg.value(HeaderName::CallId).unwrap_or_default());
-        let mut out = String::with_capacity(12);
+        let mut out = Vec::with_capacity(12);
         push_hex(&mut out, h.finish(), 12);
-        out
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// Resolve a URI next hop: address, transport and egress listener (RFC 3263 without DNS
@@ -2468,35 +2468,36 @@ impl Core {
                 .first(HeaderName::RecordRoute)
                 .map_or(msg.headers_end(), |h| h.line.start);
             let mark = self.dialog_mark(msg);
-            let mut rr = String::with_capacity(160);
-            self.push_record_route(&mut rr, egress, out_transport, &mark);
-            if egress != inb.listener || out_transport != inb.transport {
-                self.push_record_route(&mut rr, inb.listener, inb.transport, &mark);
-            }
-            edits.insert(pos, rr);
+            edits.insert_with(pos, |rr| {
+                self.push_record_route(rr, egress, out_transport, &mark);
+                if egress != inb.listener || out_transport != inb.transport {
+                    self.push_record_route(rr, inb.listener, inb.transport, &mark);
+                }
+            });
         }
         // Step 8: our Via on top, with a branch derived from the received one (§16.11) and the
         // ingress listener and connection so the response finds its way back.
         let first_via = &msg.headers()[req.via_elements[0].header];
         let l = &self.shared.listeners[egress];
-        let mut via = String::with_capacity(96);
-        via.push_str("Via: SIP/2.0/");
-        via.push_str(out_transport.as_via());
-        via.push(' ');
-        via.push_str(&l.host);
-        via.push(':');
-        via.push_str(itoa(u64::from(l.port)).as_str());
-        via.push_str(";branch=");
-        via.push_str(BRANCH_PREFIX);
-        push_hex(&mut via, self.transaction_hash(b'b', msg, &req.top_via), 16);
-        if let Some(c) = inb.conn {
-            via.push_str(";i=");
-            via.push_str(&format!("{c:x}"));
-        }
-        via.push_str(";ln=");
-        via.push_str(itoa(inb.listener as u64).as_str());
-        via.push_str("\r\n");
-        edits.insert(first_via.line.start, via);
+        let branch = self.transaction_hash(b'b', msg, &req.top_via);
+        edits.insert_with(first_via.line.start, |via| {
+            via.extend_from_slice(b"Via: SIP/2.0/");
+            via.extend_from_slice(out_transport.as_via().as_bytes());
+            via.push(b' ');
+            via.extend_from_slice(l.host.as_bytes());
+            via.push(b':');
+            via.extend_from_slice(itoa(u64::from(l.port)).as_str().as_bytes());
+            via.extend_from_slice(b";branch=");
+            via.extend_from_slice(BRANCH_PREFIX.as_bytes());
+            push_hex(via, branch, 16);
+            if let Some(c) = inb.conn {
+                via.extend_from_slice(b";i=");
+                push_hex_trimmed(via, c);
+            }
+            via.extend_from_slice(b";ln=");
+            via.extend_from_slice(itoa(inb.listener as u64).as_str().as_bytes());
+            via.extend_from_slice(b"\r\n");
+        });
         // Step 9: a stream needs Content-Length.
         if out_transport == Transport::Tcp && msg.first(HeaderName::ContentLength).is_none() {
             edits.insert(
@@ -2506,18 +2507,18 @@ impl Core {
         }
     }
 
-    fn push_record_route(&self, out: &mut String, listener: usize, t: Transport, mark: &str) {
+    fn push_record_route(&self, out: &mut Vec<u8>, listener: usize, t: Transport, mark: &str) {
         let l = &self.shared.listeners[listener];
-        out.push_str("Record-Route: <sip:");
-        out.push_str(&l.host);
-        out.push(':');
-        out.push_str(itoa(u64::from(l.port)).as_str());
+        out.extend_from_slice(b"Record-Route: <sip:");
+        out.extend_from_slice(l.host.as_bytes());
+        out.push(b':');
+        out.extend_from_slice(itoa(u64::from(l.port)).as_str().as_bytes());
         if t == Transport::Tcp {
-            out.push_str(";transport=tcp");
+            out.extend_from_slice(b";transport=tcp");
         }
-        out.push_str(";lr;cg=");
-        out.push_str(mark);
-        out.push_str(">\r\n");
+        out.extend_from_slice(b";lr;cg=");
+        out.extend_from_slice(mark.as_bytes());
+        out.extend_from_slice(b">\r\n");
     }
 
     /// RFC 3261 §16.7 / §16.11 response handling.
@@ -2876,10 +2877,35 @@ pub fn chain_spec(cfg: &Config) -> ChainSpec {
 
 /// Append `n` as `width` lower-case hex digits (the low `4 * width` bits), without the fmt
 /// machinery: this runs for every forwarded request.
-fn push_hex(out: &mut String, n: u64, width: u32) {
+fn push_hex(out: &mut Vec<u8>, n: u64, width: u32) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for i in (0..width).rev() {
-        out.push(char::from(DIGITS[((n >> (4 * i)) & 0xf) as usize]));
+        out.push(DIGITS[((n >> (4 * i)) & 0xf) as usize]);
+    }
+}
+
+/// `n` in lower-case hex without leading zeros (as `{:x}` writes it).
+fn push_hex_trimmed(out: &mut Vec<u8>, n: u64) {
+    let width = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    push_hex(out, n, width);
+}
+
+/// An IP address as text, IPv4 without the formatting machinery (it is on every request's
+/// path, in `received=`).
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(itoa(u64::from(o)).as_str().as_bytes());
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -2897,15 +2923,18 @@ fn received_edits(via: &Via, src: SocketAddr) -> Edits {
     let sent_by_is_src = matches!(via.host, Host::Ip(h) if canonical_ip(h) == ip);
     let rport = !matches!(via.rport, Rport::Absent);
     if let Rport::Requested(r) = &via.rport {
-        let mut v = String::with_capacity(11);
-        v.push_str("rport=");
-        v.push_str(itoa(u64::from(src.port())).as_str());
-        e.replace(r.clone(), v);
+        e.replace_with(r.clone(), |v| {
+            v.extend_from_slice(b"rport=");
+            v.extend_from_slice(itoa(u64::from(src.port())).as_str().as_bytes());
+        });
     }
     if !sent_by_is_src || rport {
         match &via.received {
-            Some(r) => e.replace(r.clone(), ip.to_string()),
-            None => e.insert(via.range.end, format!(";received={ip}")),
+            Some(r) => e.replace_with(r.clone(), |v| push_ip(v, ip)),
+            None => e.insert_with(via.range.end, |v| {
+                v.extend_from_slice(b";received=");
+                push_ip(v, ip);
+            }),
         }
     }
     e

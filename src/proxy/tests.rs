@@ -2053,3 +2053,25 @@ fn a_shared_pool_shows_its_cluster_wide_limit_and_put_changes_both() {
     assert_eq!(p.chain().account(0).limit().burst, 2);
     assert!((p.chain().account(0).limit().rate - 50.0).abs() < 1e-9);
 }
+
+#[test]
+fn hand_written_ip_and_hex_match_the_formatter() {
+    for ip in [
+        "0.0.0.0",
+        "10.0.0.5",
+        "255.255.255.255",
+        "192.168.100.9",
+        "::1",
+        "2001:db8::5",
+    ] {
+        let ip: std::net::IpAddr = ip.parse().expect("ip");
+        let mut out = Vec::new();
+        super::push_ip(&mut out, ip);
+        assert_eq!(String::from_utf8(out).expect("utf8"), ip.to_string());
+    }
+    for n in [0u64, 1, 0xf, 0x10, 0xabc, 0x1_0000_0000, u64::MAX] {
+        let mut out = Vec::new();
+        super::push_hex_trimmed(&mut out, n);
+        assert_eq!(String::from_utf8(out).expect("utf8"), format!("{n:x}"));
+    }
+}

@@ -6,18 +6,38 @@ use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// One edit: replace `range` of the original with `insert`. An empty range inserts.
+/// One edit: replace `range` of the original with `text` (a range of [`Edits::bytes`]). An
+/// empty range inserts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Edit {
     range: Range<usize>,
-    insert: Vec<u8>,
+    text: Range<usize>,
 }
 
-/// A set of non-overlapping edits against one buffer.
-#[derive(Debug, Default, Clone)]
+/// A set of non-overlapping edits against one buffer, kept in position order. The inserted
+/// bytes of every edit live in one buffer: a forwarded message costs one allocation for its
+/// edits, not one per header touched.
+#[derive(Debug, Default)]
 pub struct Edits {
     edits: Vec<Edit>,
+    bytes: Vec<u8>,
 }
+
+/// A copy with the usual room to grow: a request's Via edits are copied and then added to.
+impl Clone for Edits {
+    fn clone(&self) -> Self {
+        let mut edits = Vec::with_capacity(self.edits.len().max(TYPICAL_EDITS));
+        edits.extend_from_slice(&self.edits);
+        let mut bytes = Vec::with_capacity(self.bytes.len().max(TYPICAL_BYTES));
+        bytes.extend_from_slice(&self.bytes);
+        Self { edits, bytes }
+    }
+}
+
+/// Room reserved at the first edit: a Via, a Record-Route and a few small edits.
+const TYPICAL_BYTES: usize = 512;
+/// Edits reserved at the first edit.
+const TYPICAL_EDITS: usize = 8;
 
 impl Edits {
     /// No edits.
@@ -26,21 +46,44 @@ impl Edits {
     }
 
     /// Insert bytes at `pos`. Insertions at one position keep the order they were added in.
-    pub fn insert(&mut self, pos: usize, bytes: impl Into<Vec<u8>>) {
+    pub fn insert(&mut self, pos: usize, bytes: impl AsRef<[u8]>) {
         self.replace(pos..pos, bytes);
+    }
+
+    /// Insert at `pos` what `write` appends to the buffer it is given.
+    pub fn insert_with(&mut self, pos: usize, write: impl FnOnce(&mut Vec<u8>)) {
+        self.replace_with(pos..pos, write);
     }
 
     /// Remove a range.
     pub fn remove(&mut self, range: Range<usize>) {
-        self.replace(range, Vec::new());
+        self.replace(range, []);
     }
 
     /// Replace a range with bytes.
-    pub fn replace(&mut self, range: Range<usize>, bytes: impl Into<Vec<u8>>) {
-        self.edits.push(Edit {
-            range,
-            insert: bytes.into(),
-        });
+    pub fn replace(&mut self, range: Range<usize>, bytes: impl AsRef<[u8]>) {
+        self.replace_with(range, |out| out.extend_from_slice(bytes.as_ref()));
+    }
+
+    /// Replace a range with what `write` appends to the buffer it is given (it must only
+    /// append).
+    pub fn replace_with(&mut self, range: Range<usize>, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.edits.capacity() == 0 {
+            self.edits.reserve(TYPICAL_EDITS);
+            self.bytes.reserve(TYPICAL_BYTES);
+        }
+        let start = self.bytes.len();
+        write(&mut self.bytes);
+        let text = start..self.bytes.len();
+        // Keep position order; after every edit at the same place (inserts there keep the order
+        // they were added in). Edits mostly arrive in order, so this looks at one or two.
+        let key = (range.start, range.end);
+        let at = self
+            .edits
+            .iter()
+            .rposition(|e| (e.range.start, e.range.end) <= key)
+            .map_or(0, |i| i + 1);
+        self.edits.insert(at, Edit { range, text });
     }
 
     /// True when nothing is to change.
@@ -48,18 +91,10 @@ impl Edits {
         self.edits.is_empty()
     }
 
-    fn sorted(&self) -> Vec<&Edit> {
-        let mut v: Vec<&Edit> = self.edits.iter().collect();
-        // Stable sort: inserts at one position stay in insertion order.
-        v.sort_by_key(|e| (e.range.start, e.range.end));
-        v
-    }
-
     /// Apply every edit to `buf[..end]` (bytes past `end` — datagram padding past Content-Length
     /// — are dropped) and return the new message.
     pub fn apply(&self, buf: &[u8], end: usize) -> Bytes {
-        let grow: usize = self.edits.iter().map(|e| e.insert.len()).sum();
-        let mut out = BytesMut::with_capacity(end + grow);
+        let mut out = BytesMut::with_capacity(end + self.bytes.len());
         self.apply_range(buf, 0..end, &mut out);
         out.freeze()
     }
@@ -67,7 +102,7 @@ impl Edits {
     /// Write `buf[range]` with the edits that fall inside `range` applied.
     pub fn apply_range(&self, buf: &[u8], range: Range<usize>, out: &mut impl BufMut) {
         let mut pos = range.start;
-        for e in self.sorted() {
+        for e in &self.edits {
             if e.range.start < range.start || e.range.end > range.end || e.range.start < pos {
                 // Edits outside the range are not ours; overlapping edits are a caller bug that
                 // the debug assertion catches in tests, and are skipped in release.
@@ -78,7 +113,7 @@ impl Edits {
                 continue;
             }
             out.put_slice(&buf[pos..e.range.start]);
-            out.put_slice(&e.insert);
+            out.put_slice(&self.bytes[e.text.clone()]);
             pos = e.range.end;
         }
         out.put_slice(&buf[pos..range.end]);
@@ -109,6 +144,63 @@ mod tests {
         let mut out = Vec::new();
         e.apply_range(buf, 3..6, &mut out);
         assert_eq!(out, b"dYef");
+    }
+
+    #[test]
+    fn insert_with_writes_in_place_and_orders_by_position() {
+        let buf = b"abcdef";
+        let mut e = Edits::new();
+        e.insert_with(5, |o| o.extend_from_slice(b"<5>"));
+        e.replace_with(1..3, |o| o.extend_from_slice(b"[12]"));
+        e.insert(0, "^");
+        e.insert_with(5, |o| o.push(b'!'));
+        assert_eq!(&e.apply(buf, buf.len())[..], b"^a[12]de<5>!f");
+    }
+
+    proptest::proptest! {
+        /// Edits given in any order apply as if sorted by position, inserts at one position in
+        /// the order they were given.
+        #[test]
+        fn any_order_applies_like_sorted(
+            cuts in proptest::collection::btree_set(0usize..40, 0..12),
+            order in proptest::collection::vec(proptest::num::usize::ANY, 0..12),
+        ) {
+            let buf: Vec<u8> = (0..40u8).map(|i| b'a' + i % 26).collect();
+            // Disjoint edits: pairs of cut points become replaced ranges, single ones inserts.
+            let cuts: Vec<usize> = cuts.into_iter().collect();
+            let list: Vec<(std::ops::Range<usize>, Vec<u8>)> = cuts
+                .chunks(2)
+                .enumerate()
+                .map(|(i, c)| {
+                    let r = if c.len() == 2 { c[0]..c[1] } else { c[0]..c[0] };
+                    (r, format!("<{i}>").into_bytes())
+                })
+                .collect();
+            // An extra insert at the start of each range, given later than the range itself.
+            let extra: Vec<_> = list.iter().map(|(r, _)| (r.start..r.start, b"+".to_vec())).collect();
+            let mut shuffled = list.clone();
+            for (i, o) in order.iter().enumerate().take(shuffled.len()) {
+                let j = o % shuffled.len();
+                shuffled.swap(i, j);
+            }
+            let mut e = Edits::new();
+            for (r, t) in shuffled.iter().chain(extra.iter()) {
+                e.replace(r.clone(), t);
+            }
+            // Reference: the edits in the order given, stably sorted by (start, end) (an insert
+            // sorts before a replacement starting at the same place).
+            let mut sorted: Vec<_> = shuffled.iter().chain(extra.iter()).cloned().collect();
+            sorted.sort_by_key(|(r, _)| (r.start, r.end));
+            let mut expect = Vec::new();
+            let mut pos = 0;
+            for (r, t) in &sorted {
+                expect.extend_from_slice(&buf[pos..r.start]);
+                expect.extend_from_slice(t);
+                pos = r.end;
+            }
+            expect.extend_from_slice(&buf[pos..]);
+            proptest::prop_assert_eq!(&e.apply(&buf, buf.len())[..], &expect[..]);
+        }
     }
 
     #[test]

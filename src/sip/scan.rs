@@ -445,15 +445,16 @@ fn parse_start_line(buf: &[u8], r: Range<usize>) -> Option<StartLine> {
 }
 
 fn parse_header_line(buf: &[u8], pos: usize, end: usize, next: usize) -> Option<Header> {
-    let mut i = pos;
-    while i < end && is_token_char(buf[i]) {
-        i += 1;
-    }
-    if i == pos {
+    // An iterator, not indexing: no bounds check per name byte.
+    let name_end = pos
+        + buf[pos..end]
+            .iter()
+            .position(|&b| !is_token_char(b))
+            .unwrap_or(end - pos);
+    if name_end == pos {
         return None;
     }
-    let name_end = i;
-    i = skip_ws(buf, i, end);
+    let i = skip_ws(buf, name_end, end);
     if i >= end || buf[i] != b':' {
         return None;
     }
