@@ -30,16 +30,16 @@ for c in "${CASES[@]}"; do
   out=$(ls -S "$WORK"/cg.* | head -1)
   total=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$WORK/err" | sort -n | tail -1)
   # Calls to handle(): the `calls=` lines under each call site naming it in the profile
-  # (callgrind compresses a name to "(id)" after its first use).
+  # (callgrind names a function once, as `fn=` or `cfn=`, then by its "(id)").
   calls=$(python3 - "$out" <<'PY'
 import re, sys
 ids, target, calls = {}, False, 0
 for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"cfn=\((\d+)\)(?: (.*))?", line)
+    m = re.match(r"(c?)fn=\((\d+)\)(?: (.*))?", line)
     if m:
-        if m.group(2):
-            ids[m.group(1)] = m.group(2)
-        target = "cpsgate::proxy::Proxy::handle" == ids.get(m.group(1), "").strip()
+        if m.group(3):
+            ids[m.group(2)] = m.group(3).strip()
+        target = m.group(1) == "c" and ids.get(m.group(2)) == "cpsgate::proxy::Proxy::handle"
         continue
     if target and line.startswith("calls="):
         calls += int(line.split("=")[1].split()[0])

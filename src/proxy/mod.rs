@@ -2453,7 +2453,7 @@ impl Core {
         match msg.first(HeaderName::MaxForwards) {
             Some(h) => {
                 let mf = req.max_forwards.unwrap_or(DEFAULT_MAX_FORWARDS);
-                edits.replace(h.value.clone(), itoa(u64::from(mf - 1)).as_str());
+                edits.replace(h.value.clone(), itoa(u64::from(mf - 1)).as_bytes());
             }
             None => edits.insert(
                 msg.headers_end(),
@@ -2486,7 +2486,7 @@ impl Core {
             via.push(b' ');
             via.extend_from_slice(l.host.as_bytes());
             via.push(b':');
-            via.extend_from_slice(itoa(u64::from(l.port)).as_str().as_bytes());
+            via.extend_from_slice(itoa(u64::from(l.port)).as_bytes());
             via.extend_from_slice(b";branch=");
             via.extend_from_slice(BRANCH_PREFIX.as_bytes());
             push_hex(via, branch, 16);
@@ -2495,7 +2495,7 @@ impl Core {
                 push_hex_trimmed(via, c);
             }
             via.extend_from_slice(b";ln=");
-            via.extend_from_slice(itoa(inb.listener as u64).as_str().as_bytes());
+            via.extend_from_slice(itoa(inb.listener as u64).as_bytes());
             via.extend_from_slice(b"\r\n");
         });
         // Step 9: a stream needs Content-Length.
@@ -2512,7 +2512,7 @@ impl Core {
         out.extend_from_slice(b"Record-Route: <sip:");
         out.extend_from_slice(l.host.as_bytes());
         out.push(b':');
-        out.extend_from_slice(itoa(u64::from(l.port)).as_str().as_bytes());
+        out.extend_from_slice(itoa(u64::from(l.port)).as_bytes());
         if t == Transport::Tcp {
             out.extend_from_slice(b";transport=tcp");
         }
@@ -2828,8 +2828,9 @@ struct Decimal {
 }
 
 impl Decimal {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[self.start..]).expect("ASCII digits")
+    /// The digits, for writing into a message (no UTF-8 check).
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
 }
 
@@ -2899,7 +2900,7 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
                 if i > 0 {
                     out.push(b'.');
                 }
-                out.extend_from_slice(itoa(u64::from(o)).as_str().as_bytes());
+                out.extend_from_slice(itoa(u64::from(o)).as_bytes());
             }
         }
         IpAddr::V6(v6) => {
@@ -2925,7 +2926,7 @@ fn received_edits(via: &Via, src: SocketAddr) -> Edits {
     if let Rport::Requested(r) = &via.rport {
         e.replace_with(r.clone(), |v| {
             v.extend_from_slice(b"rport=");
-            v.extend_from_slice(itoa(u64::from(src.port())).as_str().as_bytes());
+            v.extend_from_slice(itoa(u64::from(src.port())).as_bytes());
         });
     }
     if !sent_by_is_src || rport {
