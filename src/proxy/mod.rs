@@ -2546,7 +2546,7 @@ impl Core {
         // Our branch is a keyed hash of the Via below it: a response forged around a Via that
         // merely looks like ours is not relayed (only checkable when that Via has the cookie).
         if let Some(h) = self.cookie_hash(b'b', buf, &next)
-            && top.branch(buf) != Some(format!("{BRANCH_PREFIX}{h:016x}").as_bytes())
+            && !top.branch(buf).is_some_and(|b| is_our_branch(b, h))
         {
             return Action::Drop(DropReason::ForeignVia);
         }
@@ -2883,6 +2883,16 @@ fn push_hex(out: &mut Vec<u8>, n: u64, width: u32) {
     for i in (0..width).rev() {
         out.push(DIGITS[((n >> (4 * i)) & 0xf) as usize]);
     }
+}
+
+/// True when `branch` is the branch we write for hash `h`: the prefix and 16 hex digits.
+fn is_our_branch(branch: &[u8], h: u64) -> bool {
+    let mut want = [0u8; BRANCH_PREFIX.len() + 16];
+    want[..BRANCH_PREFIX.len()].copy_from_slice(BRANCH_PREFIX.as_bytes());
+    for (i, d) in want[BRANCH_PREFIX.len()..].iter_mut().enumerate() {
+        *d = b"0123456789abcdef"[((h >> (4 * (15 - i))) & 0xf) as usize];
+    }
+    branch == want
 }
 
 /// `n` in lower-case hex without leading zeros (as `{:x}` writes it).

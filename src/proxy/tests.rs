@@ -2075,3 +2075,16 @@ fn hand_written_ip_and_hex_match_the_formatter() {
         assert_eq!(String::from_utf8(out).expect("utf8"), format!("{n:x}"));
     }
 }
+
+#[test]
+fn our_branch_check_matches_the_written_form() {
+    for h in [0u64, 1, 0xdead_beef, u64::MAX] {
+        let written = format!("{BRANCH_PREFIX}{h:016x}");
+        assert!(super::is_our_branch(written.as_bytes(), h));
+        assert!(!super::is_our_branch(written.as_bytes(), h ^ 1));
+        assert!(!super::is_our_branch(
+            &written.as_bytes()[..written.len() - 1],
+            h
+        ));
+    }
+}

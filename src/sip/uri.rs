@@ -168,12 +168,12 @@ pub fn parse_hostport(
         if p == pos {
             return None;
         }
-        let text = std::str::from_utf8(&buf[pos..p]).ok()?;
-        host = match text.parse::<std::net::Ipv4Addr>() {
-            Ok(v4) => Host::Ip(IpAddr::V4(v4)),
-            Err(_) => {
+        let text = &buf[pos..p];
+        host = match parse_ipv4(text) {
+            Some(v4) => Host::Ip(IpAddr::V4(v4)),
+            None => {
                 // A bare IPv6 address without brackets is not a valid SIP host (RFC 5118 §4.1).
-                if text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                if text.iter().all(|&b| b.is_ascii_digit() || b == b'.') {
                     return None;
                 }
                 Host::Name(pos..p)
@@ -200,16 +200,86 @@ pub fn parse_hostport(
         if q == s || q - s > 5 {
             return None;
         }
-        let n: u32 = std::str::from_utf8(&buf[s..q]).ok()?.parse().ok()?;
+        // At most five digits: no overflow of the u32.
+        let n = buf[s..q]
+            .iter()
+            .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
         port = Some(u16::try_from(n).ok()?);
         p = q;
     }
     Some((host, host_range, port, p))
 }
 
+/// A dotted-quad IPv4 address exactly as `Ipv4Addr::from_str` reads one (four decimal octets up
+/// to 255, no leading zeros), without going through `str`: it is on every message's path.
+fn parse_ipv4(b: &[u8]) -> Option<std::net::Ipv4Addr> {
+    let mut out = [0u8; 4];
+    let mut i = 0;
+    for (k, octet) in out.iter_mut().enumerate() {
+        if k > 0 {
+            if b.get(i) != Some(&b'.') {
+                return None;
+            }
+            i += 1;
+        }
+        let start = i;
+        let mut v = 0u32;
+        while i < b.len() && i - start < 3 && b[i].is_ascii_digit() {
+            v = v * 10 + u32::from(b[i] - b'0');
+            i += 1;
+        }
+        if i == start || (i - start > 1 && b[start] == b'0') {
+            return None;
+        }
+        *octet = u8::try_from(v).ok()?;
+    }
+    (i == b.len()).then(|| std::net::Ipv4Addr::from(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The byte parser accepts and reads exactly what the standard library does.
+        #[test]
+        fn ipv4_parser_agrees_with_std(s in "[0-9.]{0,17}") {
+            proptest::prop_assert_eq!(parse_ipv4(s.as_bytes()), s.parse().ok());
+        }
+
+        /// Near-valid addresses: octets around 255, some written with leading zeros.
+        #[test]
+        fn ipv4_parser_agrees_with_std_on_quads(
+            o in proptest::array::uniform4(0u32..300),
+            padded in proptest::array::uniform4(proptest::bool::ANY),
+        ) {
+            let parts: Vec<String> = o
+                .iter()
+                .zip(padded)
+                .map(|(n, p)| if p { format!("{n:03}") } else { n.to_string() })
+                .collect();
+            let s = parts.join(".");
+            proptest::prop_assert_eq!(parse_ipv4(s.as_bytes()), s.parse().ok());
+        }
+    }
+
+    #[test]
+    fn ipv4_parser_edge_cases() {
+        for s in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.5",
+            "256.1.1.1",
+            "01.2.3.4",
+            "1.2.3",
+            "1.2.3.4.",
+            "1..3.4",
+            "1.2.3.0004",
+            "",
+        ] {
+            assert_eq!(parse_ipv4(s.as_bytes()), s.parse().ok(), "{s}");
+        }
+    }
 
     fn uri(s: &str) -> Option<Uri> {
         Uri::parse(s.as_bytes(), 0..s.len())
