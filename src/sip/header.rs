@@ -232,10 +232,7 @@ pub fn parse_params(buf: &[u8], mut pos: usize, end: usize) -> (Vec<Param>, usiz
         }
         let semi = p;
         let ns = skip_lws(buf, p + 1, end);
-        let mut ne = ns;
-        while ne < end && (is_token_char(buf[ne]) || buf[ne] == b'[' || buf[ne] == b']') {
-            ne += 1;
-        }
+        let ne = span(buf, ns, end, &PARAM_NAME);
         if ne == ns {
             return (params, pos);
         }
@@ -244,22 +241,18 @@ pub fn parse_params(buf: &[u8], mut pos: usize, end: usize) -> (Vec<Param>, usiz
         let q = skip_lws(buf, ne, end);
         if q < end && buf[q] == b'=' {
             let vs = skip_lws(buf, q + 1, end);
-            let mut ve = vs;
-            if vs < end && buf[vs] == b'"' {
-                ve = vs + 1;
+            let ve = if vs < end && buf[vs] == b'"' {
+                let mut ve = vs + 1;
                 while ve < end && buf[ve] != b'"' {
                     if buf[ve] == b'\\' {
                         ve += 1;
                     }
                     ve += 1;
                 }
-                ve = (ve + 1).min(end);
+                (ve + 1).min(end)
             } else {
-                while ve < end && (is_token_char(buf[ve]) || matches!(buf[ve], b'[' | b']' | b':'))
-                {
-                    ve += 1;
-                }
-            }
+                span(buf, vs, end, &PARAM_VALUE)
+            };
             value = Some(vs..ve);
             after = ve;
         }
@@ -270,6 +263,40 @@ pub fn parse_params(buf: &[u8], mut pos: usize, end: usize) -> (Vec<Param>, usiz
         });
         pos = after;
     }
+}
+
+/// Bytes of a parameter name: token characters and the brackets of an IPv6 reference.
+const PARAM_NAME: [bool; 256] = char_table(b"[]");
+/// Bytes of an unquoted parameter value: token characters, brackets and colons (IPv6).
+const PARAM_VALUE: [bool; 256] = char_table(b"[]:");
+
+/// Token characters (RFC 3261 §25.1) plus `extra`, as a table.
+const fn char_table(extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        i += 1;
+    }
+    let mut j = 0;
+    while j < extra.len() {
+        t[extra[j] as usize] = true;
+        j += 1;
+    }
+    t
+}
+
+/// The end of the run of bytes from `from` that `table` allows (at most `end`).
+fn span(buf: &[u8], from: usize, end: usize, table: &[bool; 256]) -> usize {
+    from + buf[from..end]
+        .iter()
+        .position(|&b| !table[usize::from(b)])
+        .unwrap_or(end - from)
 }
 
 fn skip_lws(buf: &[u8], mut pos: usize, end: usize) -> usize {
