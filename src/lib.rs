@@ -15,6 +15,7 @@ pub mod app;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod flood;
 pub mod limiter;
 pub mod load;
 pub mod proxy;

@@ -52,10 +52,28 @@ pub struct Config {
     pub usage: UsageSettings,
     /// Shared buckets in Redis, when `[cluster]` is present.
     pub cluster: Option<ClusterConfig>,
+    /// The per-source packet-rate guard, when `[flood]` is present.
+    pub flood: Option<FloodSettings>,
     /// A digest of the file's text (shown by the admin API, changes with every edit).
     pub digest: String,
     /// Legal but risky choices, logged at start and printed by `check-config`.
     pub warnings: Vec<String>,
+}
+
+/// `[flood]`: sources sending more packets than this are dropped for a while, before any
+/// parsing and without any answer (Kamailio's pike, in front of everything).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FloodSettings {
+    /// Packets per second per source IP (datagrams, or messages on a connection).
+    pub rate: u32,
+    /// Packets a source may send back to back.
+    pub burst: u32,
+    /// How long a source that went over is dropped.
+    pub block: std::time::Duration,
+    /// Most sources tracked at once (buckets and blocks each).
+    pub table_size: usize,
+    /// Sources never guarded: the carriers' `sources` and the PBX's, plus `exempt`.
+    pub exempt: Vec<Cidr>,
 }
 
 /// `[cluster]`: buckets shared with other gates through Redis.
@@ -427,6 +445,7 @@ struct RawDoc {
     alerts: Option<raw::Alerts>,
     usage: raw::Usage,
     cluster: Option<raw::Cluster>,
+    flood: Option<raw::Flood>,
 }
 
 impl<'t> Validator<'t> {
@@ -535,11 +554,12 @@ impl<'t> Validator<'t> {
                 "alerts" => doc.alerts = self.section(key, v),
                 "usage" => doc.usage = self.section(key, v).unwrap_or_default(),
                 "cluster" => doc.cluster = self.section(key, v),
+                "flood" => doc.flood = self.section(key, v),
                 other => self.err(
                     k.span(),
                     other,
                     "",
-                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin, alerts, usage, cluster)",
+                    "unknown section (expected listen, proxy, udp, tcp, pbx, upstream, account, trunk, limits, reply, admin, alerts, usage, cluster, flood)",
                 ),
             }
         }
@@ -672,6 +692,10 @@ impl<'t> Validator<'t> {
                 60..=604_800,
             ) as u64,
         };
+        let flood = doc
+            .flood
+            .as_ref()
+            .map(|f| self.flood(f, &upstreams, &pbx_sources));
         if !self.errors.is_empty() {
             return None;
         }
@@ -692,9 +716,47 @@ impl<'t> Validator<'t> {
             alerts,
             usage,
             cluster,
+            flood,
             digest: digest(self.text),
             warnings,
         })
+    }
+
+    /// `[flood]`: the guard's limits; the carriers' and the PBX's sources are always exempt.
+    fn flood(
+        &mut self,
+        f: &raw::Flood,
+        upstreams: &[Upstream],
+        pbx_sources: &[Cidr],
+    ) -> FloodSettings {
+        let rate = self.size("flood.rate", Some(&f.rate), 1, 1..=10_000_000) as u32;
+        // Two seconds of the rate by default: a retransmission burst of a busy peer is no flood.
+        let burst = self.size(
+            "flood.burst",
+            f.burst.as_ref(),
+            (rate as usize).saturating_mul(2),
+            1..=10_000_000,
+        ) as u32;
+        let block_secs = self.size("flood.block_secs", f.block_secs.as_ref(), 30, 1..=86_400);
+        let table_size = self.size(
+            "flood.table_size",
+            f.table_size.as_ref(),
+            100_000,
+            1..=10_000_000,
+        );
+        let mut exempt: Vec<Cidr> = upstreams
+            .iter()
+            .flat_map(|u| u.sources.iter().cloned())
+            .chain(pbx_sources.iter().cloned())
+            .collect();
+        exempt.extend(self.cidrs("flood.exempt", &f.exempt));
+        FloodSettings {
+            rate,
+            burst,
+            block: std::time::Duration::from_secs(block_secs as u64),
+            table_size,
+            exempt,
+        }
     }
 
     /// A secret given inline (`key`) or by environment variable (`key_env`), at least 16

@@ -193,6 +193,18 @@ pub struct Usage {
     pub max_call_secs: Option<Spanned<i64>>,
 }
 
+/// `[flood]`: the per-source packet-rate guard.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flood {
+    pub rate: Spanned<i64>,
+    pub burst: Option<Spanned<i64>>,
+    pub block_secs: Option<Spanned<i64>>,
+    pub table_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub exempt: Vec<Spanned<String>>,
+}
+
 /// `[cluster]`: shared buckets in Redis.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
