@@ -105,6 +105,10 @@ impl Gate {
             Some(c) => Some(crate::cluster::Cluster::start(c)?),
             None => None,
         };
+        let flood = cfg
+            .flood
+            .as_ref()
+            .map(|f| Arc::new(crate::flood::FloodGuard::new(f, Instant::now())));
         let shell = Shell::new(
             proxy.clone(),
             stats.clone(),
@@ -112,7 +116,11 @@ impl Gate {
             (cfg.tcp, cfg.proxy.max_message_size),
             cancel.clone(),
             tracker.clone(),
-            (alerts.clone(), cluster.clone()),
+            crate::transport::Helpers {
+                alerts: alerts.clone(),
+                cluster: cluster.clone(),
+                flood,
+            },
         );
         let admin = match &cfg.admin {
             Some(a) => Some((
@@ -240,8 +248,11 @@ impl Gate {
         }
         // Every SIP listener is bound (in `bind`) and now served.
         self.ready.store(true, std::sync::atomic::Ordering::Release);
-        self.tracker
-            .spawn(sweep_tables(self.proxy.clone(), self.cancel.clone()));
+        self.tracker.spawn(sweep_tables(
+            self.proxy.clone(),
+            self.shell.flood().cloned(),
+            self.cancel.clone(),
+        ));
         if let Some(path) = self.config_path.clone() {
             #[cfg(unix)]
             let hangup = self.hangup.take();
@@ -289,7 +300,11 @@ impl Gate {
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Forget idle buckets and old decisions regularly, and log the table sizes against their caps.
-async fn sweep_tables(proxy: Arc<Proxy>, cancel: CancellationToken) {
+async fn sweep_tables(
+    proxy: Arc<Proxy>,
+    flood: Option<Arc<crate::flood::FloodGuard>>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tokio::select! {
@@ -297,6 +312,15 @@ async fn sweep_tables(proxy: Arc<Proxy>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         let t = proxy.sweep(Instant::now());
+        if let Some(f) = &flood {
+            f.sweep(Instant::now());
+            tracing::debug!(
+                tracked = f.tracked(),
+                blocked = f.blocked_now(),
+                dropped = f.dropped(),
+                "flood guard swept"
+            );
+        }
         tracing::debug!(
             sources = t.sources.0,
             sources_cap = t.sources.1,
@@ -423,7 +447,7 @@ fn apply(
     }
     // These are read once at start; a reload applies everything else.
     tracing::debug!(
-        "[admin], [alerts], proxy.secret, limits.table_size, limits.decision_cache_size, [usage], cluster.urls and cluster.timeout_ms take effect at the next start"
+        "[admin], [alerts], [flood], proxy.secret, limits.table_size, limits.decision_cache_size, [usage], cluster.urls and cluster.timeout_ms take effect at the next start"
     );
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");

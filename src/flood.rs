@@ -5,7 +5,7 @@
 //! Both tables are bounded: a flood of spoofed sources costs at most `table_size` entries each.
 
 use std::hash::Hasher;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -80,15 +80,16 @@ impl FloodGuard {
         }
     }
 
-    /// Judge one packet from `ip` at `now`.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Verdict {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        if self.exempt.iter().any(|c| c.contains(ip)) {
+    /// Judge one packet from `src` at `now`. Exempt entries with a port exempt that exact
+    /// source only; the limit itself is per IP address.
+    pub fn check(&self, src: SocketAddr, now: Instant) -> Verdict {
+        if self.exempt.iter().any(|c| c.matches(src)) {
             return Verdict::Pass;
         }
+        let ip = match src.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(src.ip(), IpAddr::V4),
+            v4 => v4,
+        };
         let key = self.key(ip);
         let ns = self.epoch.ns(now);
         if self
@@ -215,14 +216,18 @@ mod tests {
         (g, t0)
     }
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
+    fn ip(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    fn nth(i: u32) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 5060))
     }
 
     #[test]
     fn a_source_over_its_rate_is_blocked_for_the_block_time_then_starts_over() {
         let (g, t0) = guard(10, 5, 30, &[]);
-        let a = ip("198.51.100.7");
+        let a = ip("198.51.100.7:5060");
         // The burst passes back to back, the next packet blocks the source.
         for _ in 0..5 {
             assert_eq!(g.check(a, t0), Verdict::Pass);
@@ -244,7 +249,7 @@ mod tests {
     #[test]
     fn a_source_at_its_rate_is_never_blocked() {
         let (g, t0) = guard(10, 2, 30, &[]);
-        let a = ip("198.51.100.7");
+        let a = ip("198.51.100.7:5060");
         for i in 0..1000u64 {
             let at = t0 + Duration::from_millis(100 * i);
             assert_eq!(g.check(a, at), Verdict::Pass, "packet {i}");
@@ -254,26 +259,37 @@ mod tests {
 
     #[test]
     fn sources_are_independent_and_exempt_ones_never_count() {
-        let (g, t0) = guard(1, 1, 30, &["192.0.2.0/24"]);
-        let (a, b, carrier) = (ip("198.51.100.7"), ip("198.51.100.8"), ip("192.0.2.80"));
+        let (g, t0) = guard(1, 1, 30, &["192.0.2.0/24", "198.51.100.9:5080"]);
+        let (a, b, carrier) = (
+            ip("198.51.100.7:5060"),
+            ip("198.51.100.8:5060"),
+            ip("192.0.2.80:5060"),
+        );
         assert_eq!(g.check(a, t0), Verdict::Pass);
         assert_eq!(g.check(a, t0), Verdict::Block);
         assert_eq!(g.check(b, t0), Verdict::Pass);
         for _ in 0..1000 {
             assert_eq!(g.check(carrier, t0), Verdict::Pass);
         }
-        // An IPv4-mapped IPv6 source is the same source.
-        assert_eq!(g.check(ip("::ffff:198.51.100.7"), t0), Verdict::Drop);
-        assert_eq!(g.tracked(), 2);
+        // An IPv4-mapped IPv6 source is the same source; another port of it too.
+        assert_eq!(g.check(ip("[::ffff:198.51.100.7]:5060"), t0), Verdict::Drop);
+        assert_eq!(g.check(ip("198.51.100.7:6000"), t0), Verdict::Drop);
+        // An exemption with a port covers that source only.
+        for _ in 0..10 {
+            assert_eq!(g.check(ip("198.51.100.9:5080"), t0), Verdict::Pass);
+        }
+        assert_eq!(g.check(ip("198.51.100.9:5060"), t0), Verdict::Pass);
+        assert_eq!(g.check(ip("198.51.100.9:5060"), t0), Verdict::Block);
+        assert_eq!(g.check(ip("198.51.100.9:5080"), t0), Verdict::Pass);
+        assert_eq!(g.tracked(), 3);
     }
 
     #[test]
     fn a_flood_of_distinct_sources_stays_within_the_tables() {
         let (g, t0) = guard(1, 1, 30, &[]);
         for i in 0..20_000u32 {
-            let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            g.check(a, t0);
-            g.check(a, t0);
+            g.check(nth(i), t0);
+            g.check(nth(i), t0);
         }
         assert!(g.tracked() <= 1000, "{}", g.tracked());
         assert!(g.blocked_now() <= 1000, "{}", g.blocked_now());
@@ -284,13 +300,12 @@ mod tests {
     fn block_lines_are_limited_per_second() {
         let (g, t0) = guard(1, 1, 30, &[]);
         for i in 0..50u32 {
-            let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            g.check(a, t0);
-            g.check(a, t0);
+            g.check(nth(i), t0);
+            g.check(nth(i), t0);
         }
         assert_eq!(g.logs_suppressed(), 40);
         // A new second logs again.
-        let a = ip("203.0.113.1");
+        let a = ip("203.0.113.1:5060");
         g.check(a, t0 + Duration::from_secs(2));
         g.check(a, t0 + Duration::from_secs(2));
         assert_eq!(g.logs_suppressed(), 40);

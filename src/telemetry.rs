@@ -61,13 +61,15 @@ pub enum TransportDrop {
     Capacity,
     /// A stream that could not be framed (no or bad Content-Length).
     BadFraming,
+    /// From a source over the flood guard's packet rate (`[flood]`), dropped unanswered.
+    Flood,
 }
 
 impl TransportDrop {
-    const COUNT: usize = 7;
+    const COUNT: usize = 8;
 
     /// Every reason, for metrics.
-    pub const ALL: [TransportDrop; 7] = [
+    pub const ALL: [TransportDrop; 8] = [
         Self::Oversize,
         Self::QueueFull,
         Self::ConnectFailed,
@@ -75,6 +77,7 @@ impl TransportDrop {
         Self::ResolveFailed,
         Self::Capacity,
         Self::BadFraming,
+        Self::Flood,
     ];
 
     fn index(self) -> usize {
@@ -91,6 +94,7 @@ impl TransportDrop {
             Self::ResolveFailed => "resolve_failed",
             Self::Capacity => "capacity",
             Self::BadFraming => "bad_framing",
+            Self::Flood => "flood",
         }
     }
 }

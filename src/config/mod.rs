@@ -72,7 +72,8 @@ pub struct FloodSettings {
     pub block: std::time::Duration,
     /// Most sources tracked at once (buckets and blocks each).
     pub table_size: usize,
-    /// Sources never guarded: the carriers' `sources` and the PBX's, plus `exempt`.
+    /// Sources never guarded: the carriers' `sources` and the PBX's, plus `exempt` (an entry
+    /// with a port exempts that exact source only).
     pub exempt: Vec<Cidr>,
 }
 
@@ -1730,6 +1731,44 @@ match = { sources = ["10.0.0.0/8"] }
         assert_eq!(cl.timeout, std::time::Duration::from_millis(20));
         assert_eq!(cl.on_failure, FailurePolicy::LocalShare);
         assert_eq!((cl.instances, cl.key_prefix.as_str()), (2, "cpsgate:"));
+    }
+
+    #[test]
+    fn flood_section_defaults_and_exempts_the_carriers_and_the_pbx() {
+        let text = GOOD.replace(
+            "address = \"127.0.0.1:5080\"\n",
+            "address = \"127.0.0.1:5080\"\nsources = [\"192.0.2.0/24\"]\n",
+        ) + "\n[pbx]\naddress = \"10.1.1.1:5060\"\n\n[flood]\nrate = 300\nexempt = [\"198.51.100.7\"]\n";
+        let c = Config::parse(&text, "t").unwrap();
+        let f = c.flood.expect("flood");
+        assert_eq!((f.rate, f.burst, f.table_size), (300, 600, 100_000));
+        assert_eq!(f.block, std::time::Duration::from_secs(30));
+        let exempt: Vec<Cidr> = ["192.0.2.0/24", "10.1.1.1", "198.51.100.7"]
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect();
+        assert_eq!(f.exempt, exempt);
+        assert!(Config::parse(GOOD, "t").unwrap().flood.is_none());
+    }
+
+    #[test]
+    fn flood_errors_name_the_key_the_value_and_the_line() {
+        let text = format!(
+            "{GOOD}\n[flood]\nrate = 0\nburst = -1\nblock_secs = 100000\nexempt = [\"not-a-net\"]\n"
+        );
+        let e = Config::parse(&text, "t").unwrap_err().to_string();
+        for want in [
+            "line 22: flood.rate = 0",
+            "line 23: flood.burst = -1",
+            "line 24: flood.block_secs = 100000",
+            "line 25: flood.exempt = \"not-a-net\"",
+        ] {
+            assert!(e.contains(want), "{want} missing from:\n{e}");
+        }
+        let e = Config::parse(&format!("{GOOD}\n[flood]\nburst = 10\n"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flood") && e.contains("rate"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::{Cluster, Failure, Outcome};
 use crate::config::TcpSettings;
+use crate::flood::{FloodGuard, Verdict};
 use crate::proxy::{Action, ConnId, Inbound, NextHop, Outbound, Proxy};
 use crate::sip::Transport;
 use crate::telemetry::{Stats, TransportDrop};
@@ -89,6 +90,17 @@ impl ConnTable {
     }
 }
 
+/// The optional parts the shell works with, each present when its section is configured.
+#[derive(Default)]
+pub struct Helpers {
+    /// `[alerts]`: refusals are reported to it.
+    pub alerts: Option<Arc<crate::alerts::Alerts>>,
+    /// `[cluster]`: shared buckets are asked of it.
+    pub cluster: Option<Arc<Cluster>>,
+    /// `[flood]`: every packet passes it first.
+    pub flood: Option<Arc<FloodGuard>>,
+}
+
 /// Everything the transport tasks share.
 pub struct Shell {
     proxy: Arc<Proxy>,
@@ -107,6 +119,7 @@ pub struct Shell {
     tracker: TaskTracker,
     alerts: Option<Arc<crate::alerts::Alerts>>,
     cluster: Option<Arc<Cluster>>,
+    flood: Option<Arc<FloodGuard>>,
 }
 
 impl Shell {
@@ -119,7 +132,11 @@ impl Shell {
         (tcp, max_message): (TcpSettings, usize),
         cancel: CancellationToken,
         tracker: TaskTracker,
-        (alerts, cluster): (Option<Arc<crate::alerts::Alerts>>, Option<Arc<Cluster>>),
+        Helpers {
+            alerts,
+            cluster,
+            flood,
+        }: Helpers,
     ) -> Arc<Self> {
         Arc::new(Self {
             proxy,
@@ -136,7 +153,27 @@ impl Shell {
             tracker,
             alerts,
             cluster,
+            flood,
         })
+    }
+
+    /// The flood guard, when `[flood]` is configured.
+    pub fn flood(&self) -> Option<&Arc<FloodGuard>> {
+        self.flood.as_ref()
+    }
+
+    /// The flood guard's verdict on a packet from `src`; a drop is counted (with a debug log).
+    fn flooding(&self, src: SocketAddr) -> bool {
+        let Some(guard) = &self.flood else {
+            return false;
+        };
+        match guard.check(src, Instant::now()) {
+            Verdict::Pass => false,
+            Verdict::Drop | Verdict::Block => {
+                self.stats.transport_drop(TransportDrop::Flood, src);
+                true
+            }
+        }
     }
 
     /// Count and log one decision, and tell the alert monitor about refusals.
@@ -169,6 +206,11 @@ impl Shell {
                     }
                 },
             };
+            // Before anything else: a flooding source costs a hash and a table lookup, and
+            // gets no answer.
+            if self.flooding(src) {
+                continue;
+            }
             let inb = Inbound {
                 data: &buf[..n],
                 source: src,
@@ -209,6 +251,10 @@ impl Shell {
                     }
                 },
             };
+            // A new connection counts as a packet of its source; a flooding one is closed.
+            if self.flooding(peer) {
+                continue;
+            }
             let Ok(permit) = self.inbound_slots.clone().try_acquire_owned() else {
                 self.stats.transport_drop(TransportDrop::Capacity, peer);
                 continue;
@@ -493,6 +539,11 @@ impl Shell {
             loop {
                 match framer.next_frame(&mut buf, self.max_message) {
                     Ok(Some(Frame::Message(m))) => {
+                        // A connection whose source floods is closed: its messages would only
+                        // be dropped.
+                        if self.flooding(peer) {
+                            break 'conn;
+                        }
                         let inb = Inbound {
                             data: &m,
                             source: peer,
