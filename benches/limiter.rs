@@ -1,5 +1,6 @@
 //! The limiter's hot path: one GCRA acquire, the whole chain, and the keyed per-source table
-//! under two threads against the naive alternative, a `Mutex<HashMap>` of buckets.
+//! under two threads against the naive alternative, a `Mutex<HashMap>` of buckets; the flood
+//! guard's per-packet check.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -121,6 +122,52 @@ fn bench(c: &mut Criterion) {
                 let _ = naive.try_acquire(key, t0 + Duration::from_nanos((base + i * 1_000) * 50));
             })
         })
+    });
+    g.finish();
+
+    // The flood guard's check on every packet: a source within its rate among 10 000, and one
+    // that is blocked; the exempt list holds two carriers.
+    let mut g = c.benchmark_group("flood");
+    g.throughput(Throughput::Elements(1));
+    let start = Instant::now();
+    let guard = cpsgate::flood::FloodGuard::new(
+        &cpsgate::config::FloodSettings {
+            rate: 1_000_000,
+            burst: 1_000_000,
+            block: Duration::from_secs(3600),
+            table_size: 100_000,
+            exempt: vec![
+                "192.0.2.0/24".parse().expect("cidr"),
+                "198.51.100.80:5060".parse().expect("cidr"),
+            ],
+        },
+        start,
+    );
+    let sources: Vec<std::net::SocketAddr> = (0..10_000u32)
+        .map(|i| (std::net::Ipv4Addr::from(0x0a00_0000 + i), 5060).into())
+        .collect();
+    let mut i = 0usize;
+    g.bench_function("check_passing_source", |b| {
+        b.iter(|| {
+            i = (i + 1) % sources.len();
+            guard.check(sources[i], start)
+        })
+    });
+    let tight = cpsgate::flood::FloodGuard::new(
+        &cpsgate::config::FloodSettings {
+            rate: 1,
+            burst: 1,
+            block: Duration::from_secs(3600),
+            table_size: 100_000,
+            exempt: Vec::new(),
+        },
+        start,
+    );
+    let flooder: std::net::SocketAddr = "203.0.113.9:5060".parse().expect("addr");
+    tight.check(flooder, start);
+    tight.check(flooder, start);
+    g.bench_function("check_blocked_source", |b| {
+        b.iter(|| tight.check(flooder, start))
     });
     g.finish();
 }

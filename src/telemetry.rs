@@ -132,6 +132,8 @@ pub struct Stats {
     pub reloads: AtomicU64,
     /// Configuration reloads refused (invalid file, unresolvable target).
     pub reload_failures: AtomicU64,
+    /// Sources the flood guard blocked (a source blocked twice counts twice).
+    pub flood_blocks: AtomicU64,
     reject_log: RejectLog,
 }
 

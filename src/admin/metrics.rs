@@ -400,6 +400,12 @@ pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
         load(&stats.reload_failures),
     );
     o.family(
+        "cpsgate_flood_blocks_total",
+        "counter",
+        "Sources the flood guard blocked ([flood]); their packets count as drops, reason flood.",
+    );
+    o.sample("cpsgate_flood_blocks_total", &[], load(&stats.flood_blocks));
+    o.family(
         "cpsgate_tcp_connections_total",
         "counter",
         "TCP connections opened, both directions.",

@@ -169,7 +169,12 @@ impl Shell {
         };
         match guard.check(src, Instant::now()) {
             Verdict::Pass => false,
-            Verdict::Drop | Verdict::Block => {
+            Verdict::Drop => {
+                self.stats.transport_drop(TransportDrop::Flood, src);
+                true
+            }
+            Verdict::Block => {
+                self.stats.flood_blocks.fetch_add(1, Ordering::Relaxed);
                 self.stats.transport_drop(TransportDrop::Flood, src);
                 true
             }

@@ -3,6 +3,7 @@
 //! address, keeps being served.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cpsgate::telemetry::TransportDrop;
@@ -67,6 +68,7 @@ async fn a_udp_flood_gets_its_burst_through_then_silence_and_the_carrier_is_stil
     let forwarded = drain(&carrier, Duration::from_millis(500)).await;
     assert_eq!(forwarded.len(), 10, "the burst, and nothing after it");
     assert_eq!(gate.stats.transport_drops(TransportDrop::Flood), 30);
+    assert_eq!(gate.stats.flood_blocks.load(Ordering::Relaxed), 1);
     // Nothing was answered to the flooder: no 503, no 100.
     assert!(drain(&flooder, Duration::from_millis(300)).await.is_empty());
 
