@@ -836,6 +836,54 @@ impl Proxy {
         core.settle(c, outcome, now)
     }
 
+    /// The answer to a request the gate forwarded but could not deliver (an outbound
+    /// connection refused or timed out): `code` goes back to the previous hop as if the next
+    /// hop had answered (RFC 3261 §16.9: a transport error counts as a 503), with the To-tag
+    /// the gate gives its own answers, so the ACK of it is absorbed here. `None` for what needs
+    /// no answer: responses, ACKs, and messages without our Via on top.
+    pub fn undeliverable(
+        &self,
+        now: Instant,
+        forwarded: &[u8],
+        code: u16,
+        reason: &str,
+    ) -> Option<Action> {
+        let core = self.core.load();
+        let msg = Message::scan(forwarded).ok()?;
+        if msg.is_response() || msg.method() == Some(b"ACK".as_slice()) {
+            return None;
+        }
+        let vias = elements(&msg, HeaderName::Via);
+        let ours = Via::parse(forwarded, vias.first()?.value.clone()).ok()?;
+        if vias.len() < 2 || !core.is_our_via(forwarded, &ours) {
+            return None;
+        }
+        // The request as the previous hop sent it (its Via with received/rport as we marked
+        // it): the To-tag is the one the gate would give it, and its ACK finds it.
+        let mut e = Edits::new();
+        remove_element(&msg, &vias, 0, &mut e);
+        let original = e.apply(forwarded, msg.body_range().end);
+        let orig = Message::scan(&original).ok()?;
+        let orig_top = top_via(&orig)?;
+        let tag = core.to_tag(&orig, &orig_top);
+        let answer = build_response(
+            &msg,
+            &Edits::new(),
+            &ResponseSpec {
+                code,
+                reason,
+                to_tag: &tag,
+                extra: &[],
+            },
+        );
+        let answer = Message::scan(&answer).ok()?;
+        // Back the way a real answer goes: our Via popped, to the Via below it.
+        match core.route_response(now, &answer) {
+            Action::Forward(out) => Some(Action::Reply(code, out)),
+            _ => None,
+        }
+    }
+
     /// Answer a request that could not be taken whole (see [`Core::refuse_raw`]).
     pub fn refuse_raw(&self, inb: &Inbound<'_>, code: u16, reason: &str) -> Action {
         self.core.load().refuse_raw(inb, code, reason)

@@ -2088,3 +2088,47 @@ fn our_branch_check_matches_the_written_form() {
         ));
     }
 }
+
+#[test]
+fn an_undeliverable_request_is_answered_to_the_previous_hop_and_nothing_else_is() {
+    let p = proxy();
+    let (_, fwd) = forwarded(handle(&p, &req("INVITE", ""), PBX));
+    let a = p
+        .undeliverable(Instant::now(), fwd.as_bytes(), 503, "Service Unavailable")
+        .expect("a request gets an answer");
+    let (code, o, s) = replied(a);
+    assert_eq!(code, 503);
+    assert_eq!(o.to, NextHop::Addr(PBX.parse().expect("addr")));
+    assert!(
+        s.starts_with("SIP/2.0 503 Service Unavailable\r\nVia: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKabc;rport=5062;received=10.0.0.5\r\n"),
+        "{s}"
+    );
+    // The To-tag is the one the gate gives its own answer to that request: its ACK is absorbed.
+    let tag = s
+        .split("\r\n")
+        .find(|l| l.starts_with("To:"))
+        .and_then(|l| l.split(";tag=").nth(1))
+        .expect("tag")
+        .to_owned();
+    let ack = req("ACK", "").replace(
+        "To: <sip:+15551234567@carrier.example>",
+        &format!("To: <sip:+15551234567@carrier.example>;tag={tag}"),
+    );
+    assert_eq!(handle(&p, &ack, PBX), Action::Absorb);
+    // Responses, ACKs and requests without our Via on top get nothing.
+    let resp = response_to(&fwd, 180);
+    assert!(
+        p.undeliverable(Instant::now(), resp.as_bytes(), 503, "x")
+            .is_none()
+    );
+    let (_, fwd_ack) = forwarded(handle(&p, &req("ACK", ""), PBX));
+    assert!(
+        p.undeliverable(Instant::now(), fwd_ack.as_bytes(), 503, "x")
+            .is_none()
+    );
+    let foreign = req("BYE", "");
+    assert!(
+        p.undeliverable(Instant::now(), foreign.as_bytes(), 503, "x")
+            .is_none()
+    );
+}

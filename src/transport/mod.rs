@@ -35,6 +35,10 @@ const UDP_BUF: usize = 65_535;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The answer to requests queued for a connection that was refused (RFC 3261 §16.9).
+const UNREACHABLE: (u16, &str) = (503, "Service Unavailable (Next Hop Unreachable)");
+/// The answer to requests queued for a connection that did not come up in time.
+const CONNECT_TIMEOUT: (u16, &str) = (408, "Request Timeout (Next Hop Did Not Answer)");
 /// How long a resolved next-hop name is reused (also keeps a transaction on one address).
 const DNS_TTL: Duration = Duration::from_secs(60);
 /// Most cached names; the cache is emptied when it would grow past this.
@@ -470,7 +474,7 @@ impl Shell {
             .get(listener)
             .map(|l| l.bound.ip())
             .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == peer.is_ipv4());
-        let (tx, rx) = mpsc::channel(CONN_QUEUE);
+        let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
         let id = self.conns.insert(peer, tx.clone());
         let shell = self.clone();
         self.tracker.spawn(async move {
@@ -484,15 +488,34 @@ impl Shell {
                     shell.serve_conn(s, id, peer, listener, rx).await;
                 }
                 failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".to_owned(),
+                    let (why, answer) = match failed {
+                        Ok(Err(e)) => (e.to_string(), UNREACHABLE),
+                        _ => ("timed out".to_owned(), CONNECT_TIMEOUT),
                     };
                     tracing::warn!(%peer, error = %why, "tcp connect failed");
                     shell.conns.remove(id);
                     shell
                         .stats
                         .transport_drop(TransportDrop::ConnectFailed, peer);
+                    // What was queued for the connection: requests are answered as if the next
+                    // hop had answered them (RFC 3261 §16.9); the first one, which opened the
+                    // connection, goes over UDP instead when it can.
+                    rx.close();
+                    let mut skip = udp_fallback.is_some();
+                    while let Ok(queued) = rx.try_recv() {
+                        if std::mem::take(&mut skip) {
+                            continue;
+                        }
+                        let (code, reason) = answer;
+                        if let Some(action) =
+                            shell
+                                .proxy
+                                .undeliverable(Instant::now(), &queued, code, reason)
+                        {
+                            shell.observe(&action, peer, Transport::Tcp);
+                            shell.execute(action).await;
+                        }
+                    }
                     if let Some((l, data)) = udp_fallback {
                         let out = Outbound {
                             to: NextHop::Addr(peer),

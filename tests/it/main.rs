@@ -5,6 +5,7 @@ mod admin;
 mod alerts;
 mod cluster;
 mod differential;
+mod faults;
 mod flood;
 mod flows;
 mod harness;
