@@ -63,13 +63,16 @@ pub enum TransportDrop {
     BadFraming,
     /// From a source over the flood guard's packet rate (`[flood]`), dropped unanswered.
     Flood,
+    /// A TCP connection closed because a message did not complete within
+    /// `tcp.message_timeout_secs` of its first byte.
+    SlowMessage,
 }
 
 impl TransportDrop {
-    const COUNT: usize = 8;
+    const COUNT: usize = 9;
 
     /// Every reason, for metrics.
-    pub const ALL: [TransportDrop; 8] = [
+    pub const ALL: [TransportDrop; 9] = [
         Self::Oversize,
         Self::QueueFull,
         Self::ConnectFailed,
@@ -78,6 +81,7 @@ impl TransportDrop {
         Self::Capacity,
         Self::BadFraming,
         Self::Flood,
+        Self::SlowMessage,
     ];
 
     fn index(self) -> usize {
@@ -95,6 +99,7 @@ impl TransportDrop {
             Self::Capacity => "capacity",
             Self::BadFraming => "bad_framing",
             Self::Flood => "flood",
+            Self::SlowMessage => "slow_message",
         }
     }
 }

@@ -260,6 +260,11 @@ pub struct TcpSettings {
     /// Most open inbound connections; outbound connections have a pool of the same size of
     /// their own.
     pub max_connections: usize,
+    /// Most open inbound connections from one source IP (one peer cannot take every slot).
+    pub max_connections_per_source: usize,
+    /// Longest a message may take to arrive once its first byte has (a trickle that keeps a
+    /// connection from idling out is cut here: slowloris).
+    pub message_timeout: std::time::Duration,
 }
 
 /// A destination: host (IP literal or name resolved at start) and port.
@@ -640,6 +645,18 @@ impl<'t> Validator<'t> {
                 1024,
                 1..=1_000_000,
             ),
+            max_connections_per_source: self.size(
+                "tcp.max_connections_per_source",
+                doc.tcp.max_connections_per_source.as_ref(),
+                64,
+                1..=1_000_000,
+            ),
+            message_timeout: std::time::Duration::from_secs(self.size(
+                "tcp.message_timeout_secs",
+                doc.tcp.message_timeout_secs.as_ref(),
+                10,
+                1..=3600,
+            ) as u64),
         };
         let pbx = doc.pbx.as_ref().and_then(|p| {
             self.target(
@@ -1749,6 +1766,21 @@ match = { sources = ["10.0.0.0/8"] }
             .collect();
         assert_eq!(f.exempt, exempt);
         assert!(Config::parse(GOOD, "t").unwrap().flood.is_none());
+    }
+
+    #[test]
+    fn tcp_abuse_limits_have_defaults_and_bounds() {
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert_eq!(c.tcp.max_connections_per_source, 64);
+        assert_eq!(c.tcp.message_timeout, std::time::Duration::from_secs(10));
+        let text =
+            format!("{GOOD}\n[tcp]\nmax_connections_per_source = 0\nmessage_timeout_secs = 0\n");
+        let e = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(
+            e.contains("line 22: tcp.max_connections_per_source = 0"),
+            "{e}"
+        );
+        assert!(e.contains("line 23: tcp.message_timeout_secs = 0"), "{e}");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Tcp {
     pub idle_timeout_secs: Option<Spanned<i64>>,
     pub connect_timeout_ms: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_source: Option<Spanned<i64>>,
+    pub message_timeout_secs: Option<Spanned<i64>>,
 }
 
 /// `[pbx]`: where requests from carriers go.

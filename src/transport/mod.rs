@@ -105,6 +105,41 @@ pub struct Helpers {
     pub flood: Option<Arc<FloodGuard>>,
 }
 
+/// One open inbound connection of a source IP, counted while it lives.
+struct SourceSlot {
+    table: Arc<DashMap<std::net::IpAddr, usize>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    /// A slot for `ip`, unless it has `cap` connections open already.
+    fn take(
+        table: &Arc<DashMap<std::net::IpAddr, usize>>,
+        ip: std::net::IpAddr,
+        cap: usize,
+    ) -> Option<Self> {
+        let mut open = table.entry(ip).or_insert(0);
+        if *open >= cap {
+            return None;
+        }
+        *open += 1;
+        Some(Self {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        // The last connection of a source removes its entry: the table holds open IPs only.
+        self.table.remove_if_mut(&self.ip, |_, open| {
+            *open = open.saturating_sub(1);
+            *open == 0
+        });
+    }
+}
+
 /// Everything the transport tasks share.
 pub struct Shell {
     proxy: Arc<Proxy>,
@@ -116,6 +151,8 @@ pub struct Shell {
     /// Inbound and outbound connections have separate pools, so a flood of inbound
     /// connections cannot stop the gate from reaching its carriers.
     inbound_slots: Arc<Semaphore>,
+    /// Open inbound connections per source IP (only IPs with one open).
+    inbound_per_source: Arc<DashMap<std::net::IpAddr, usize>>,
     outbound_slots: Arc<Semaphore>,
     lookups: Arc<Semaphore>,
     dns: DashMap<(String, u16), (SocketAddr, Instant)>,
@@ -148,6 +185,7 @@ impl Shell {
             udp,
             conns: ConnTable::default(),
             inbound_slots: Arc::new(Semaphore::new(tcp.max_connections)),
+            inbound_per_source: Arc::new(DashMap::new()),
             outbound_slots: Arc::new(Semaphore::new(tcp.max_connections)),
             dns: DashMap::new(),
             tcp,
@@ -268,6 +306,14 @@ impl Shell {
                 self.stats.transport_drop(TransportDrop::Capacity, peer);
                 continue;
             };
+            let Some(source_slot) = SourceSlot::take(
+                &self.inbound_per_source,
+                peer.ip(),
+                self.tcp.max_connections_per_source,
+            ) else {
+                self.stats.transport_drop(TransportDrop::Capacity, peer);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let (tx, rx) = mpsc::channel(CONN_QUEUE);
             let id = self.conns.insert(peer, tx);
@@ -275,7 +321,7 @@ impl Shell {
             let shell = self.clone();
             self.tracker.spawn(async move {
                 shell.serve_conn(stream, id, peer, listener, rx).await;
-                drop(permit);
+                drop((permit, source_slot));
             });
         }
     }
@@ -563,10 +609,13 @@ impl Shell {
         });
         let mut buf = BytesMut::with_capacity(4096);
         let mut framer = Framer::default();
+        // When the first byte of the message being read arrived (none while between messages).
+        let mut started: Option<Instant> = None;
         'conn: loop {
             loop {
                 match framer.next_frame(&mut buf, self.max_message) {
                     Ok(Some(Frame::Message(m))) => {
+                        started = None;
                         // A connection whose source floods is closed: its messages would only
                         // be dropped.
                         if self.flooding(peer) {
@@ -611,15 +660,31 @@ impl Shell {
                     }
                 }
             }
+            // A message under way must complete within the message timeout, however slowly
+            // its bytes keep coming; between messages only the idle timeout applies.
+            let now = Instant::now();
+            let wait = if buf.iter().any(|b| !b.is_ascii_whitespace()) {
+                let t0 = *started.get_or_insert(now);
+                (t0 + self.tcp.message_timeout)
+                    .saturating_duration_since(now)
+                    .min(self.tcp.idle_timeout)
+            } else {
+                started = None;
+                self.tcp.idle_timeout
+            };
             let read = tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 // A writer that gave up means the connection is dead.
                 _ = dead.cancelled() => break,
-                r = tokio::time::timeout(self.tcp.idle_timeout, rd.read_buf(&mut buf)) => r,
+                r = tokio::time::timeout(wait, rd.read_buf(&mut buf)) => r,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
                 Ok(Ok(_)) => {}
+                Err(_) if started.is_some_and(|t0| t0.elapsed() >= self.tcp.message_timeout) => {
+                    self.stats.transport_drop(TransportDrop::SlowMessage, peer);
+                    break;
+                }
                 Err(_) => {
                     tracing::debug!(%peer, id, "tcp idle timeout");
                     break;

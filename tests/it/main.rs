@@ -1,6 +1,7 @@
 //! Integration tests: one binary. `harness` starts the gate in-process on ephemeral loopback
 //! ports with fake PBX and carrier peers.
 
+mod abuse;
 mod admin;
 mod alerts;
 mod cluster;
