@@ -1,6 +1,15 @@
 //! Command line: `run`, `check-config`, and the logging flags. `main` only maps the outcome to an
 //! exit code.
 
+/// `eprintln!` that never panics: with stderr gone (a full disk, a closed pipe) the message is
+/// lost but the exit code still says what happened.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -100,7 +109,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                report!("{e}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -117,7 +126,7 @@ pub fn run(cli: Cli) -> ExitCode {
             quiet,
         } => {
             let bad = |what: &str| {
-                eprintln!("cpsgate load: {what}");
+                report!("cpsgate load: {what}");
                 ExitCode::from(EXIT_CONFIG)
             };
             if !(cps.is_finite() && cps > 0.0 && cps <= 10_000_000.0) {
@@ -149,7 +158,7 @@ pub fn run(cli: Cli) -> ExitCode {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
+                    report!("cannot start the runtime: {e}");
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
@@ -174,14 +183,14 @@ pub fn run(cli: Cli) -> ExitCode {
                         if path.as_os_str() == "-" {
                             println!("{text}");
                         } else if let Err(e) = std::fs::write(&path, text) {
-                            eprintln!("cpsgate load: writing {}: {e}", path.display());
+                            report!("cpsgate load: writing {}: {e}", path.display());
                             return ExitCode::from(EXIT_RUNTIME);
                         }
                     }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("cpsgate load: {e:#}");
+                    report!("cpsgate load: {e:#}");
                     ExitCode::from(EXIT_RUNTIME)
                 }
             }
@@ -191,7 +200,7 @@ pub fn run(cli: Cli) -> ExitCode {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{e}");
+                    report!("{e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -201,7 +210,7 @@ pub fn run(cli: Cli) -> ExitCode {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
+                    report!("cannot start the runtime: {e}");
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
@@ -213,7 +222,7 @@ pub fn run(cli: Cli) -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("cpsgate: {e:#}");
+                    report!("cpsgate: {e:#}");
                     ExitCode::from(EXIT_RUNTIME)
                 }
             }

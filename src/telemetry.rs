@@ -36,7 +36,10 @@ pub fn init_logging(format: LogFormat, filter: Option<&str>) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log write that fails (disk full, closed pipe) is lost, nothing more: reporting it
+        // would write to stderr again, and a failed `eprintln!` panics.
+        .log_internal_errors(false);
     // A second init (tests) is harmless; the first subscriber stays.
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),

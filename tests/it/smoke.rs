@@ -204,3 +204,94 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
     let _ = std::fs::remove_file(&path);
     assert!(status.success(), "{status:?}");
 }
+
+/// Logs to a full disk: every log write fails (`/dev/full`: ENOSPC), the SIP path goes on, and
+/// SIGTERM still ends the process cleanly.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_full_disk_for_logs_does_not_stop_the_sip_path() {
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr").port()
+    };
+    let cfg = std::fs::read_to_string(repo("config/cpsgate.toml"))
+        .expect("read")
+        .replace(
+            "address = \"127.0.0.1:5060\"",
+            &format!("address = \"127.0.0.1:{port}\""),
+        )
+        .replace("shutdown_grace_secs = 5", "shutdown_grace_secs = 1")
+        .replace("address = \"127.0.0.1:9090\"", "address = \"127.0.0.1:0\"");
+    let path = temp_file("full.toml", &cfg);
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full")
+    };
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--config",
+            path.to_str().expect("utf8 path"),
+            "--log",
+            "debug",
+        ])
+        .stdout(Stdio::from(full()))
+        .stderr(Stdio::from(full()))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let gate: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let me = sock.local_addr().expect("addr");
+    // Keep-alive OPTIONS to the gate itself until it answers (it may still be starting).
+    let mut answered = 0;
+    let mut buf = vec![0u8; 65_535];
+    for n in 0..50 {
+        let ping = format!(
+            "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-full-{n}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:probe@x>;tag=p{n}\r\nTo: <sip:127.0.0.1:{port}>\r\n\
+             Call-ID: full-{n}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        );
+        sock.send_to(ping.as_bytes(), gate).await.expect("send");
+        if let Ok(Ok((len, _))) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+        {
+            assert!(
+                buf[..len].starts_with(b"SIP/2.0 200 "),
+                "{}",
+                String::from_utf8_lossy(&buf[..len])
+            );
+            answered += 1;
+            if answered == 5 {
+                break;
+            }
+        }
+    }
+    assert_eq!(answered, 5, "the gate answers with every log write failing");
+    // A second gate on the same port cannot start: it says so with its exit code (1), even
+    // though the message itself cannot be written.
+    let second = Command::new(bin())
+        .args(["run", "--config", path.to_str().expect("utf8 path")])
+        .stdout(Stdio::from(full()))
+        .stderr(Stdio::from(full()))
+        .status()
+        .await
+        .expect("second gate");
+    assert_eq!(second.code(), Some(1), "{second:?}");
+    let pid = child.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .expect("wait");
+    let _ = std::fs::remove_file(&path);
+    assert!(status.success(), "{status:?}");
+}
