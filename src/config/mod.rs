@@ -78,7 +78,7 @@ pub struct FloodSettings {
 }
 
 /// `[cluster]`: buckets shared with other gates through Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// Redis servers, in order of preference (each a `redis://` URL).
     pub urls: Vec<String>,
@@ -90,6 +90,24 @@ pub struct ClusterConfig {
     pub instances: u32,
     /// Prefix of the Redis keys (`<prefix>account:<name>`, `<prefix>trunk:<name>`).
     pub key_prefix: String,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A Redis password in a URL never reaches a log line.
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| crate::cluster::redact(u))
+            .collect();
+        f.debug_struct("ClusterConfig")
+            .field("urls", &urls)
+            .field("timeout", &self.timeout)
+            .field("on_failure", &self.on_failure)
+            .field("instances", &self.instances)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
 }
 
 /// `cluster.on_failure`.
@@ -222,7 +240,7 @@ pub enum UnknownSources {
 }
 
 /// `[proxy]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ProxySettings {
     /// Key for branch and To-tag hashing; random per start when absent.
     pub secret: Option<String>,
@@ -239,6 +257,21 @@ pub struct ProxySettings {
     /// How long the gate drains after SIGTERM/SIGINT (new calls get 503, existing ones are
     /// relayed) before it stops.
     pub shutdown_grace: std::time::Duration,
+}
+
+impl fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The secret keys every branch and To-tag: it never reaches a log line.
+        f.debug_struct("ProxySettings")
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("aliases", &self.aliases)
+            .field("unknown_sources", &self.unknown_sources)
+            .field("default_upstream", &self.default_upstream)
+            .field("record_route", &self.record_route)
+            .field("max_message_size", &self.max_message_size)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
 }
 
 /// `[udp]`.
@@ -1781,6 +1814,26 @@ match = { sources = ["10.0.0.0/8"] }
             "{e}"
         );
         assert!(e.contains("line 23: tcp.message_timeout_secs = 0"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_the_debug_form() {
+        let text = GOOD.replace("rate = 20\n", "rate = 20\nshared = true\n")
+            + "\n[proxy]\nsecret = \"proxy-secret-0123456789\"\n\n[admin]\ntoken = \"admin-token-0123456789\"\n\n[cluster]\nurls = [\"redis://cpsgate:redis-pass-0123@10.0.0.9:6379/0\"]\n";
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.proxy.secret.as_deref(), Some("proxy-secret-0123456789"));
+        let shown = format!("{c:?}");
+        for secret in [
+            "proxy-secret-0123456789",
+            "admin-token-0123456789",
+            "redis-pass-0123",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert!(
+            shown.contains("redis://cpsgate:***@10.0.0.9:6379/0"),
+            "{shown}"
+        );
     }
 
     #[test]
