@@ -98,3 +98,39 @@ async fn a_connection_the_carrier_never_accepts_answers_the_call_408() {
     gate.stop().await;
     drop((listener, fillers));
 }
+
+#[tokio::test]
+async fn a_carrier_port_closed_on_udp_does_not_stop_the_gate() {
+    // Datagrams to a closed port draw ICMP port unreachable; whatever the socket reports back,
+    // the receive loop goes on serving.
+    let dead = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr")
+    };
+    let pbx = UdpPeer::bind().await;
+    let gate = TestGate::start(&config(pbx.addr, "udp", dead, "udp")).await;
+    for i in 0..20 {
+        let m = invite(
+            pbx.addr,
+            "UDP",
+            &format!("icmp-{i}"),
+            &format!("z9hG4bK-icmp-{i}"),
+            "",
+        );
+        pbx.send(gate.udp, &m).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Still serving: an OPTIONS to the gate itself is answered.
+    let ping = format!(
+        "OPTIONS sip:{g} SIP/2.0\r\nVia: SIP/2.0/UDP {p};branch=z9hG4bK-icmp-ping\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:probe@x>;tag=p\r\nTo: <sip:{g}>\r\n\
+         Call-ID: icmp-ping\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        g = gate.udp,
+        p = pbx.addr
+    );
+    pbx.send(gate.udp, &ping).await;
+    let (answer, _) = pbx.recv().await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(gate.stats.forwarded.load(Ordering::Relaxed), 20);
+    gate.stop().await;
+}
