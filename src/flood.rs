@@ -14,6 +14,7 @@ use siphasher::sip::SipHasher13;
 use crate::config::FloodSettings;
 use crate::limiter::{BoundedMap, Epoch, Expiring, KeyedBuckets, Limit};
 use crate::routing::Cidr;
+use crate::telemetry::LineBudget;
 
 /// At most this many "source blocked" lines a second; the rest are counted.
 const LOGS_PER_SECOND: u64 = 10;
@@ -51,8 +52,7 @@ pub struct FloodGuard {
     keys: (u64, u64),
     dropped: AtomicU64,
     blocks: AtomicU64,
-    log_window: AtomicU64,
-    logs_suppressed: AtomicU64,
+    log: LineBudget,
 }
 
 impl FloodGuard {
@@ -75,8 +75,7 @@ impl FloodGuard {
             keys: (seed.hash_one(1u8), seed.hash_one(2u8)),
             dropped: AtomicU64::new(0),
             blocks: AtomicU64::new(0),
-            log_window: AtomicU64::new(0),
-            logs_suppressed: AtomicU64::new(0),
+            log: LineBudget::new(LOGS_PER_SECOND),
         }
     }
 
@@ -114,13 +113,14 @@ impl FloodGuard {
         );
         self.blocks.fetch_add(1, Ordering::Relaxed);
         self.dropped.fetch_add(1, Ordering::Relaxed);
-        if self.may_log(ns) {
+        if let Some(left_out) = self.log.admit(now) {
             let limit = self.buckets.limit();
             tracing::warn!(
                 source = %ip,
                 rate = limit.rate,
                 burst = limit.burst,
                 block_secs = self.block.as_secs(),
+                other_blocks_not_logged = left_out,
                 "source over the flood limit: its packets are dropped unanswered for a while"
             );
         }
@@ -139,7 +139,7 @@ impl FloodGuard {
 
     /// "Source blocked" log lines left out to keep the log readable.
     pub fn logs_suppressed(&self) -> u64 {
-        self.logs_suppressed.load(Ordering::Relaxed)
+        self.log.suppressed()
     }
 
     /// Sources blocked now (blocks that have run out but were not swept yet included).
@@ -166,34 +166,6 @@ impl FloodGuard {
             IpAddr::V6(v6) => h.write(&v6.octets()),
         }
         h.finish()
-    }
-
-    /// At most `LOGS_PER_SECOND` block lines per second: the window's second in the high bits,
-    /// the lines logged in it in the low ones.
-    fn may_log(&self, ns: u64) -> bool {
-        let second = ns / 1_000_000_000;
-        let mut cur = self.log_window.load(Ordering::Relaxed);
-        loop {
-            let (s, n) = (cur >> 16, cur & 0xffff);
-            let next = if s == second {
-                if n >= LOGS_PER_SECOND {
-                    self.logs_suppressed.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                cur + 1
-            } else {
-                (second << 16) | 1
-            };
-            match self.log_window.compare_exchange_weak(
-                cur,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(seen) => cur = seen,
-            }
-        }
     }
 }
 

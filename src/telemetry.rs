@@ -47,6 +47,62 @@ pub fn init_logging(format: LogFormat, filter: Option<&str>) {
     };
 }
 
+/// At most `per_second` log lines a second for one kind of event; the rest are counted, and the
+/// next line that goes out says how many were left out.
+#[derive(Debug)]
+pub struct LineBudget {
+    per_second: u64,
+    start: Instant,
+    /// The current second in the high bits, the lines logged in it in the low 16.
+    window: AtomicU64,
+    since_last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LineBudget {
+    /// A budget of `per_second` lines (at most 65 535).
+    pub fn new(per_second: u64) -> Self {
+        Self {
+            per_second: per_second.min(0xffff),
+            start: Instant::now(),
+            window: AtomicU64::new(0),
+            since_last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one that went out)` when a line may go out at `now`.
+    pub fn admit(&self, now: Instant) -> Option<u64> {
+        let second = now.saturating_duration_since(self.start).as_secs() + 1;
+        let mut cur = self.window.load(Ordering::Relaxed);
+        loop {
+            let (s, n) = (cur >> 16, cur & 0xffff);
+            let next = if s == second {
+                if n >= self.per_second {
+                    self.since_last.fetch_add(1, Ordering::Relaxed);
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                cur + 1
+            } else {
+                (second << 16) | 1
+            };
+            match self
+                .window
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(self.since_last.swap(0, Ordering::Relaxed)),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Lines left out since the start.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(Ordering::Relaxed)
+    }
+}
+
 /// Why the transport layer dropped something before or after the core saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportDrop {
@@ -376,6 +432,19 @@ mod tests {
         assert_eq!(log.admit_at(&east, src, 1), Some(99));
         assert_eq!(log.admit_at(&east, src, 1), None);
         assert_eq!(log.admit_at(&east, src, 5), Some(1));
+    }
+
+    #[test]
+    fn a_line_budget_lets_its_lines_through_each_second_and_counts_the_rest() {
+        let b = LineBudget::new(3);
+        let t0 = Instant::now();
+        let seen: Vec<Option<u64>> = (0..5).map(|_| b.admit(t0)).collect();
+        assert_eq!(seen, [Some(0), Some(0), Some(0), None, None]);
+        // The next second: the first line says two were left out.
+        let t1 = t0 + std::time::Duration::from_millis(1500);
+        assert_eq!(b.admit(t1), Some(2));
+        assert_eq!(b.admit(t1), Some(0));
+        assert_eq!(b.suppressed(), 2);
     }
 
     #[test]

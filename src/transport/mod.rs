@@ -21,7 +21,7 @@ use crate::config::TcpSettings;
 use crate::flood::{FloodGuard, Verdict};
 use crate::proxy::{Action, ConnId, Inbound, NextHop, Outbound, Proxy};
 use crate::sip::Transport;
-use crate::telemetry::{Stats, TransportDrop};
+use crate::telemetry::{LineBudget, Stats, TransportDrop};
 use framing::{Frame, Framer};
 
 /// Messages queued for one TCP peer before further ones are dropped.
@@ -161,6 +161,8 @@ pub struct Shell {
     alerts: Option<Arc<crate::alerts::Alerts>>,
     cluster: Option<Arc<Cluster>>,
     flood: Option<Arc<FloodGuard>>,
+    /// A dead carrier fails every connection attempt: one warning a second says so.
+    connect_log: LineBudget,
 }
 
 impl Shell {
@@ -196,6 +198,7 @@ impl Shell {
             alerts,
             cluster,
             flood,
+            connect_log: LineBudget::new(1),
         })
     }
 
@@ -538,7 +541,15 @@ impl Shell {
                         Ok(Err(e)) => (e.to_string(), UNREACHABLE),
                         _ => ("timed out".to_owned(), CONNECT_TIMEOUT),
                     };
-                    tracing::warn!(%peer, error = %why, "tcp connect failed");
+                    match shell.connect_log.admit(Instant::now()) {
+                        Some(left_out) => tracing::warn!(
+                            %peer,
+                            error = %why,
+                            other_failures_not_logged = left_out,
+                            "tcp connect failed"
+                        ),
+                        None => tracing::debug!(%peer, error = %why, "tcp connect failed"),
+                    }
                     shell.conns.remove(id);
                     shell
                         .stats
