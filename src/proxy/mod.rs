@@ -1114,7 +1114,7 @@ impl Proxy {
 
     /// The `;cg=` dialog mark our Record-Route carries for this message's Call-ID.
     pub fn dialog_mark(&self, msg: &Message<'_>) -> String {
-        self.core.load().dialog_mark(msg)
+        self.core.load().dialog_mark(msg).as_str().to_owned()
     }
 }
 
@@ -2435,13 +2435,16 @@ impl Core {
     }
 
     /// The `;cg=` value of our Record-Route for this Call-ID.
-    fn dialog_mark(&self, msg: &Message<'_>) -> String {
+    fn dialog_mark(&self, msg: &Message<'_>) -> Mark {
         let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
         h.write_u8(b'r');
         h.write(msg.value(HeaderName::CallId).unwrap_or_default());
-        let mut out = Vec::with_capacity(12);
-        push_hex(&mut out, h.finish(), 12);
-        String::from_utf8(out).unwrap_or_default()
+        let n = h.finish();
+        let mut mark = [0u8; 12];
+        for (i, d) in mark.iter_mut().enumerate() {
+            *d = HEX_DIGITS[((n >> (4 * (11 - i))) & 0xf) as usize];
+        }
+        Mark(mark)
     }
 
     /// Resolve a URI next hop: address, transport and egress listener (RFC 3263 without DNS
@@ -2555,7 +2558,7 @@ impl Core {
         }
     }
 
-    fn push_record_route(&self, out: &mut Vec<u8>, listener: usize, t: Transport, mark: &str) {
+    fn push_record_route(&self, out: &mut Vec<u8>, listener: usize, t: Transport, mark: &Mark) {
         let l = &self.shared.listeners[listener];
         out.extend_from_slice(b"Record-Route: <sip:");
         out.extend_from_slice(l.host.as_bytes());
@@ -2565,7 +2568,7 @@ impl Core {
             out.extend_from_slice(b";transport=tcp");
         }
         out.extend_from_slice(b";lr;cg=");
-        out.extend_from_slice(mark.as_bytes());
+        out.extend_from_slice(&mark.0);
         out.extend_from_slice(b">\r\n");
     }
 
@@ -2746,7 +2749,7 @@ impl Core {
             c.write(msg.value(HeaderName::CallId).unwrap_or_default());
             c.finish()
         };
-        format!("{TAG_PREFIX}{h:016x}")
+        tag_text(h)
     }
 
     fn reply(
@@ -2807,7 +2810,7 @@ impl Core {
                 let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
                 h.write(msg.value(HeaderName::Via).unwrap_or_default());
                 h.write(msg.value(HeaderName::CallId).unwrap_or_default());
-                format!("{TAG_PREFIX}{:016x}", h.finish())
+                tag_text(h.finish())
             }
         };
         let data = build_response(
@@ -2848,11 +2851,30 @@ impl Core {
 }
 
 /// True when a URI of ours carries this dialog's mark.
-fn has_mark(buf: &[u8], uri: &Uri, mark: &str) -> bool {
+fn has_mark(buf: &[u8], uri: &Uri, mark: &Mark) -> bool {
     crate::sip::header::find_param(buf, &uri.params, b"cg")
         .and_then(|p| p.value.clone())
-        .is_some_and(|v| buf[v] == *mark.as_bytes())
+        .is_some_and(|v| buf[v] == mark.0)
 }
+
+/// Our To-tag for hash `h`: the prefix and 16 hex digits.
+fn tag_text(h: u64) -> String {
+    let mut out = Vec::with_capacity(TAG_PREFIX.len() + 16);
+    out.extend_from_slice(TAG_PREFIX.as_bytes());
+    push_hex(&mut out, h, 16);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// The `;cg=` dialog mark: 12 lower-case hex digits of a keyed hash of the Call-ID.
+struct Mark([u8; 12]);
+
+impl Mark {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 /// Addresses no message may go to, whoever asks: port 0, unspecified, broadcast, multicast and
 /// link-local addresses.
@@ -2927,9 +2949,8 @@ pub fn chain_spec(cfg: &Config) -> ChainSpec {
 /// Append `n` as `width` lower-case hex digits (the low `4 * width` bits), without the fmt
 /// machinery: this runs for every forwarded request.
 fn push_hex(out: &mut Vec<u8>, n: u64, width: u32) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for i in (0..width).rev() {
-        out.push(DIGITS[((n >> (4 * i)) & 0xf) as usize]);
+        out.push(HEX_DIGITS[((n >> (4 * i)) & 0xf) as usize]);
     }
 }
 
@@ -2938,7 +2959,7 @@ fn is_our_branch(branch: &[u8], h: u64) -> bool {
     let mut want = [0u8; BRANCH_PREFIX.len() + 16];
     want[..BRANCH_PREFIX.len()].copy_from_slice(BRANCH_PREFIX.as_bytes());
     for (i, d) in want[BRANCH_PREFIX.len()..].iter_mut().enumerate() {
-        *d = b"0123456789abcdef"[((h >> (4 * (15 - i))) & 0xf) as usize];
+        *d = HEX_DIGITS[((h >> (4 * (15 - i))) & 0xf) as usize];
     }
     branch == want
 }

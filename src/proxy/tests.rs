@@ -2073,6 +2073,7 @@ fn hand_written_ip_and_hex_match_the_formatter() {
         let mut out = Vec::new();
         super::push_hex_trimmed(&mut out, n);
         assert_eq!(String::from_utf8(out).expect("utf8"), format!("{n:x}"));
+        assert_eq!(super::tag_text(n), format!("{TAG_PREFIX}{n:016x}"));
     }
 }
 
