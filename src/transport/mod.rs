@@ -674,7 +674,9 @@ impl Shell {
             // A message under way must complete within the message timeout, however slowly
             // its bytes keep coming; between messages only the idle timeout applies.
             let now = Instant::now();
-            let wait = if buf.iter().any(|b| !b.is_ascii_whitespace()) {
+            // (Once a message is under way the buffer is not looked through again.)
+            let partial = started.is_some() || buf.iter().any(|b| !b.is_ascii_whitespace());
+            let wait = if partial {
                 let t0 = *started.get_or_insert(now);
                 (t0 + self.tcp.message_timeout)
                     .saturating_duration_since(now)
