@@ -167,6 +167,15 @@ impl Gate {
         self
     }
 
+    fn reload_targets(&self) -> ReloadTargets {
+        ReloadTargets {
+            proxy: self.proxy.clone(),
+            stats: self.stats.clone(),
+            listeners: self.listeners.clone(),
+            flood: self.shell.flood().cloned(),
+        }
+    }
+
     /// Notify this to reload the configuration file now.
     pub fn reload_trigger(&self) -> Arc<Notify> {
         self.reload.clone()
@@ -212,6 +221,7 @@ impl Gate {
         for (t, a) in &self.addrs {
             tracing::info!("listening on {} {a}", t.as_via().to_ascii_lowercase());
         }
+        let targets = self.reload_targets();
         let accept_stop = CancellationToken::new();
         for (i, s) in self.udp {
             self.tracker.spawn(self.shell.clone().run_udp(i, s));
@@ -225,13 +235,9 @@ impl Gate {
                 tracing::info!("{}", crate::admin::describe(a));
             }
             let reloader: Option<crate::admin::Reloader> = self.config_path.clone().map(|path| {
-                let (proxy, stats, listeners) = (
-                    self.proxy.clone(),
-                    self.stats.clone(),
-                    self.listeners.clone(),
-                );
+                let targets = targets.clone();
                 let f: crate::admin::Reloader =
-                    Arc::new(move || reload(&path, &proxy, &stats, &listeners, "admin API"));
+                    Arc::new(move || reload(&path, &targets, "admin API"));
                 f
             });
             let state = crate::admin::AdminState::with_alerts(
@@ -261,9 +267,7 @@ impl Gate {
             self.tracker.spawn(watch_config(
                 path,
                 hangup,
-                self.proxy.clone(),
-                self.stats.clone(),
-                self.listeners.clone(),
+                targets,
                 self.reload.clone(),
                 self.cancel.clone(),
             ));
@@ -352,9 +356,7 @@ async fn watch_config(
     path: PathBuf,
     #[cfg(unix)] mut hup: Option<tokio::signal::unix::Signal>,
     #[cfg(not(unix))] _hup: Option<()>,
-    proxy: Arc<Proxy>,
-    stats: Arc<Stats>,
-    listeners: Vec<Listener>,
+    targets: ReloadTargets,
     trigger: Arc<Notify>,
     cancel: CancellationToken,
 ) {
@@ -391,26 +393,16 @@ async fn watch_config(
             }
         };
         // Reading the file and resolving names block: off the async workers.
-        let (p, px, st, ls) = (
-            path.clone(),
-            proxy.clone(),
-            stats.clone(),
-            listeners.clone(),
-        );
-        let _ = tokio::task::spawn_blocking(move || reload(&p, &px, &st, &ls, why)).await;
+        let (p, t) = (path.clone(), targets.clone());
+        let _ = tokio::task::spawn_blocking(move || reload(&p, &t, why)).await;
     }
 }
 
 /// True when the new configuration was applied.
 /// Reload from `path`, log the outcome and count it; the error lists what is wrong.
-fn reload(
-    path: &std::path::Path,
-    proxy: &Proxy,
-    stats: &Stats,
-    listeners: &[Listener],
-    why: &str,
-) -> Result<(), String> {
-    let result = apply(path, proxy, listeners);
+fn reload(path: &std::path::Path, targets: &ReloadTargets, why: &str) -> Result<(), String> {
+    let stats = &targets.stats;
+    let result = apply(path, targets);
     match &result {
         Ok(n) => {
             tracing::info!(
@@ -436,26 +428,36 @@ fn reload(
     result.map(|_| ())
 }
 
-fn apply(
-    path: &std::path::Path,
-    proxy: &Proxy,
-    listeners: &[Listener],
-) -> Result<(usize, usize), String> {
+fn apply(path: &std::path::Path, targets: &ReloadTargets) -> Result<(usize, usize), String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
-    if cfg.listeners != listeners {
+    if cfg.listeners != targets.listeners {
         tracing::warn!("[[listen]] changes take effect at the next start only");
     }
     // These are read once at start; a reload applies everything else.
     tracing::debug!(
-        "[admin], [alerts], [flood], proxy.secret, limits.table_size, limits.decision_cache_size, [usage], cluster.urls and cluster.timeout_ms take effect at the next start"
+        "[admin], [alerts], [flood] limits, proxy.secret, limits.table_size, limits.decision_cache_size, [usage], cluster.urls and cluster.timeout_ms take effect at the next start"
     );
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");
     }
-    proxy
+    targets
+        .proxy
         .reload(&cfg, Instant::now())
         .map_err(|e| e.to_string())?;
+    // The flood guard follows the new carriers and PBX (its limits are read at start).
+    if let (Some(guard), Some(f)) = (&targets.flood, &cfg.flood) {
+        guard.set_exempt(f.exempt.clone());
+    }
     Ok((cfg.trunks.len(), cfg.accounts.len()))
+}
+
+/// What a reload changes and reports to.
+#[derive(Clone)]
+struct ReloadTargets {
+    proxy: Arc<Proxy>,
+    stats: Arc<Stats>,
+    listeners: Vec<Listener>,
+    flood: Option<Arc<crate::flood::FloodGuard>>,
 }
 
 async fn bind_listener(

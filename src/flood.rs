@@ -47,7 +47,8 @@ pub struct FloodGuard {
     buckets: KeyedBuckets,
     blocked: BoundedMap<Blocked>,
     block: Duration,
-    exempt: Vec<Cidr>,
+    /// Replaced on reload: carriers and the PBX of the running configuration.
+    exempt: arc_swap::ArcSwap<Vec<Cidr>>,
     epoch: Epoch,
     keys: (u64, u64),
     dropped: AtomicU64,
@@ -70,7 +71,7 @@ impl FloodGuard {
             ),
             blocked: BoundedMap::new(settings.table_size),
             block: settings.block,
-            exempt: settings.exempt.clone(),
+            exempt: arc_swap::ArcSwap::from_pointee(settings.exempt.clone()),
             epoch: Epoch::new(start),
             keys: (seed.hash_one(1u8), seed.hash_one(2u8)),
             dropped: AtomicU64::new(0),
@@ -82,7 +83,7 @@ impl FloodGuard {
     /// Judge one packet from `src` at `now`. Exempt entries with a port exempt that exact
     /// source only; the limit itself is per IP address.
     pub fn check(&self, src: SocketAddr, now: Instant) -> Verdict {
-        if self.exempt.iter().any(|c| c.matches(src)) {
+        if self.exempt.load().iter().any(|c| c.matches(src)) {
             return Verdict::Pass;
         }
         let ip = match src.ip() {
@@ -125,6 +126,12 @@ impl FloodGuard {
             );
         }
         Verdict::Block
+    }
+
+    /// Take the exemptions of a reloaded configuration (its carriers' and PBX's sources and
+    /// `exempt`); the limits themselves are read at start only.
+    pub fn set_exempt(&self, exempt: Vec<Cidr>) {
+        self.exempt.store(std::sync::Arc::new(exempt));
     }
 
     /// Packets dropped since the start.

@@ -77,7 +77,8 @@ impl LineBudget {
         let mut cur = self.window.load(Ordering::Relaxed);
         loop {
             let (s, n) = (cur >> 16, cur & 0xffff);
-            let next = if s == second {
+            // A caller with a slightly older clock reading counts in the window already open.
+            let next = if s >= second {
                 if n >= self.per_second {
                     self.since_last.fetch_add(1, Ordering::Relaxed);
                     self.suppressed.fetch_add(1, Ordering::Relaxed);

@@ -440,15 +440,13 @@ impl Shell {
                     .conn
                     .and_then(|c| self.conns.sender(c))
                     .or_else(|| self.conns.sender_to(addr));
-                let tx = match tx {
-                    Some(tx) => tx,
-                    None => match self.connect(addr, out.listener, out.udp_fallback) {
-                        Some(tx) => tx,
-                        None => return,
-                    },
-                };
-                if tx.try_send(out.data).is_err() {
-                    self.stats.transport_drop(TransportDrop::QueueFull, addr);
+                match tx {
+                    Some(tx) => {
+                        if tx.try_send(out.data).is_err() {
+                            self.stats.transport_drop(TransportDrop::QueueFull, addr);
+                        }
+                    }
+                    None => self.connect(addr, out.listener, out.data, out.udp_fallback),
                 }
             }
             _ => self.stats.transport_drop(TransportDrop::SendFailed, addr),
@@ -511,11 +509,12 @@ impl Shell {
         self: &Arc<Self>,
         peer: SocketAddr,
         listener: usize,
+        first: Bytes,
         udp_fallback: Option<(usize, Bytes)>,
-    ) -> Option<mpsc::Sender<Bytes>> {
+    ) {
         let Ok(permit) = self.outbound_slots.clone().try_acquire_owned() else {
             self.stats.transport_drop(TransportDrop::Capacity, peer);
-            return None;
+            return;
         };
         let local = self
             .proxy
@@ -524,7 +523,10 @@ impl Shell {
             .map(|l| l.bound.ip())
             .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == peer.is_ipv4());
         let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
-        let id = self.conns.insert(peer, tx.clone());
+        // The message this connection is opened for is queued first, before anyone else can
+        // find the connection: if it fails, the first queued message is that one.
+        let _ = tx.try_send(first);
+        let id = self.conns.insert(peer, tx);
         let shell = self.clone();
         self.tracker.spawn(async move {
             let connected =
@@ -588,7 +590,6 @@ impl Shell {
             }
             drop(permit);
         });
-        Some(tx)
     }
 
     /// Read, frame and handle messages of one connection; a writer task drains its queue. The
@@ -675,7 +676,8 @@ impl Shell {
             // its bytes keep coming; between messages only the idle timeout applies.
             let now = Instant::now();
             // (Once a message is under way the buffer is not looked through again.)
-            let partial = started.is_some() || buf.iter().any(|b| !b.is_ascii_whitespace());
+            // Only CR and LF come between messages (keep-alives); any other byte starts one.
+            let partial = started.is_some() || buf.iter().any(|b| !matches!(b, b'\r' | b'\n'));
             let wait = if partial {
                 let t0 = *started.get_or_insert(now);
                 (t0 + self.tcp.message_timeout)

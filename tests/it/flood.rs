@@ -123,3 +123,51 @@ async fn a_tcp_connection_that_floods_is_closed_after_its_burst() {
     assert!(gate.stats.transport_drops(TransportDrop::Flood) >= 1);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn a_carrier_added_by_a_reload_is_exempt_at_once() {
+    let carrier = UdpPeer::bind().await;
+    let newcomer = UdpPeer::bind().await;
+    let path =
+        std::env::temp_dir().join(format!("cpsgate-flood-reload-{}.toml", std::process::id()));
+    let text = flood_toml(carrier.addr).replace("rate = 5\nburst = 10", "rate = 1\nburst = 2");
+    std::fs::write(&path, &text).expect("write");
+    let gate = TestGate::start_file(&path).await;
+    // Pings to the gate itself: the first two are answered, the rest dropped (blocked).
+    let ping = |n: usize| {
+        format!(
+            "OPTIONS sip:{g} SIP/2.0\r\nVia: SIP/2.0/UDP {a};branch=z9hG4bK-nc-{n}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:probe@x>;tag=n{n}\r\nTo: <sip:{g}>\r\n\
+             Call-ID: nc-{n}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            g = gate.udp,
+            a = newcomer.addr
+        )
+    };
+    for n in 0..5 {
+        newcomer.send(gate.udp, &ping(n)).await;
+    }
+    assert_eq!(drain(&newcomer, Duration::from_millis(300)).await.len(), 2);
+    // The newcomer becomes a carrier: exempt from the next packet on, though still blocked.
+    let added = text.replace(
+        "[[trunk]]",
+        &format!(
+            "[[upstream]]\nname = \"second\"\naddress = \"{a}\"\nsources = [\"{a}\"]\n\n[[trunk]]",
+            a = newcomer.addr
+        ),
+    );
+    std::fs::write(&path, added).expect("write");
+    gate.reload.notify_one();
+    for _ in 0..500 {
+        if gate.stats.reloads.load(Ordering::Relaxed) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gate.stats.reloads.load(Ordering::Relaxed), 1);
+    for n in 5..10 {
+        newcomer.send(gate.udp, &ping(n)).await;
+    }
+    assert_eq!(drain(&newcomer, Duration::from_millis(300)).await.len(), 5);
+    gate.stop().await;
+    let _ = std::fs::remove_file(&path);
+}
