@@ -1189,3 +1189,31 @@ fn dblreq_trailing_invite_is_not_forwarded() {
     );
     assert_eq!(fwd.body_range().end, out.data.len());
 }
+
+/// No amplification: whatever the gate answers by itself to a message — every RFC 4475 message
+/// and each of them cut short — is never much larger than what it answers (the status line, our
+/// To-tag and the `received`/`rport` marks are all it adds), so a spoofed request cannot make
+/// the gate send its victim more than it was sent.
+#[test]
+fn local_answers_are_never_much_larger_than_the_request() {
+    let p = proxy();
+    let mut answered = 0;
+    for entry in std::fs::read_dir(torture_dir()).expect("torture dir") {
+        let raw = std::fs::read(entry.expect("entry").path()).expect("read");
+        let cuts = [raw.len(), raw.len() * 3 / 4, raw.len() / 2, raw.len() / 4];
+        for cut in cuts {
+            let msg = &raw[..cut];
+            if let Action::Reply(_, out) | Action::Reject(_, out) = handle_from(&p, msg, CLIENT) {
+                answered += 1;
+                assert!(
+                    out.data.len() <= msg.len() + 192,
+                    "{} bytes answered to {} bytes:\n{}",
+                    out.data.len(),
+                    msg.len(),
+                    String::from_utf8_lossy(&out.data)
+                );
+            }
+        }
+    }
+    assert!(answered > 20, "only {answered} local answers checked");
+}
