@@ -7,35 +7,10 @@ use std::time::{Duration, Instant};
 use cpsgate::telemetry::TransportDrop;
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{TcpPeer, TestGate, UdpPeer, header, invite};
+use crate::harness::{TcpPeer, TestGate, UdpPeer, header, invite, loopback_trunk_config};
 
 fn toml(carrier: std::net::SocketAddr, tcp: &str) -> String {
-    format!(
-        r#"
-[[listen]]
-address = "127.0.0.1:0"
-
-[proxy]
-unknown_sources = "reject"
-shutdown_grace_secs = 0
-
-[tcp]
-idle_timeout_secs = 30
-{tcp}
-
-[[upstream]]
-name = "carrier"
-address = "{carrier}"
-sources = ["{carrier}"]
-
-[[trunk]]
-name = "t1"
-upstream = "carrier"
-rate = 1000
-burst = 1000
-match = {{ sources = ["127.0.0.0/8"] }}
-"#
-    )
+    loopback_trunk_config(carrier, &format!("[tcp]\nidle_timeout_secs = 30\n{tcp}\n"))
 }
 
 /// A fresh connection sends one INVITE; the carrier must see it.

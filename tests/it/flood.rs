@@ -8,36 +8,10 @@ use std::time::Duration;
 
 use cpsgate::telemetry::TransportDrop;
 
-use crate::harness::{TcpPeer, TestGate, UdpPeer, invite, respond};
+use crate::harness::{TcpPeer, TestGate, UdpPeer, invite, loopback_trunk_config, respond};
 
 fn flood_toml(carrier: SocketAddr) -> String {
-    format!(
-        r#"
-[[listen]]
-address = "127.0.0.1:0"
-
-[proxy]
-unknown_sources = "reject"
-shutdown_grace_secs = 0
-
-[[upstream]]
-name = "carrier"
-address = "{carrier}"
-sources = ["{carrier}"]
-
-[[trunk]]
-name = "t1"
-upstream = "carrier"
-rate = 1000
-burst = 1000
-match = {{ sources = ["127.0.0.0/8"] }}
-
-[flood]
-rate = 5
-burst = 10
-block_secs = 60
-"#
-    )
+    loopback_trunk_config(carrier, "[flood]\nrate = 5\nburst = 10\nblock_secs = 60\n")
 }
 
 /// Every datagram that arrives at `peer` until it has been quiet for `quiet`.

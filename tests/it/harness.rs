@@ -151,6 +151,35 @@ match = {{ sources = ["{pbx}"] }}
     )
 }
 
+/// A gate whose one trunk takes every loopback source (so several test sockets can call) to one
+/// carrier, with `tail` (more sections) appended.
+pub fn loopback_trunk_config(carrier: SocketAddr, tail: &str) -> String {
+    format!(
+        r#"
+[[listen]]
+address = "127.0.0.1:0"
+
+[proxy]
+unknown_sources = "reject"
+shutdown_grace_secs = 0
+
+[[upstream]]
+name = "carrier"
+address = "{carrier}"
+sources = ["{carrier}"]
+
+[[trunk]]
+name = "t1"
+upstream = "carrier"
+rate = 1000
+burst = 1000
+match = {{ sources = ["127.0.0.0/8"] }}
+
+{tail}
+"#
+    )
+}
+
 /// A UDP peer.
 pub struct UdpPeer {
     pub sock: UdpSocket,

@@ -16,6 +16,19 @@ fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// SIGTERM to the running gate, and its exit status within its grace period.
+async fn terminate(child: &mut tokio::process::Child, pid: &str) -> std::process::ExitStatus {
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .expect("wait")
+}
+
 fn temp_file(name: &str, text: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("cpsgate-{}-{name}", std::process::id()));
     std::fs::write(&p, text).expect("write temp config");
@@ -192,15 +205,7 @@ async fn run_logs_bound_addresses_and_exits_cleanly_on_sigterm() {
             break;
         }
     }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("exits within the grace period")
-        .expect("wait");
+    let status = terminate(&mut child, &pid).await;
     let _ = std::fs::remove_file(&path);
     assert!(status.success(), "{status:?}");
 }
@@ -283,15 +288,7 @@ async fn a_full_disk_for_logs_does_not_stop_the_sip_path() {
         .expect("second gate");
     assert_eq!(second.code(), Some(1), "{second:?}");
     let pid = child.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("exits within the grace period")
-        .expect("wait");
+    let status = terminate(&mut child, &pid).await;
     let _ = std::fs::remove_file(&path);
     assert!(status.success(), "{status:?}");
 }
