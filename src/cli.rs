@@ -87,6 +87,43 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Replay a traffic trace through a configuration's limits in simulated time: what they
+    /// would refuse, the smallest limits that keep refusals under a target, and what pacing
+    /// would do instead.
+    Plan {
+        /// Configuration whose trunks, accounts and limits are replayed.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The trace: a CSV of `timestamp, source_ip, sip_username, trunk, call_id`, or a pcap /
+        /// pcapng capture of SIP over UDP.
+        #[arg(long)]
+        trace: PathBuf,
+        /// The trace's format (default: pcap or pcapng by magic number, else CSV).
+        #[arg(long, value_parser = ["csv", "pcap"])]
+        format: Option<String>,
+        /// Compress the trace's time axis: 2 replays the same calls in half the time.
+        #[arg(long, default_value_t = 1.0)]
+        speedup: f64,
+        /// Write report.json, report.txt and one SVG chart per trunk to this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the report as JSON to this file (`-`: standard output, instead of the
+        /// table).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Largest share of attempts a recommended limit may refuse.
+        #[arg(long, default_value_t = 0.001)]
+        target: f64,
+        /// Recommended rates are multiples of this many calls per second.
+        #[arg(long, default_value_t = 1.0)]
+        step: f64,
+        /// Seconds a call may wait in the pacing what-if (trunks already pacing keep theirs).
+        #[arg(long, default_value_t = 5.0)]
+        max_delay: f64,
+        /// Attempts kept in memory; a longer trace is streamed from a temporary file.
+        #[arg(long, default_value_t = 4_000_000)]
+        memory_attempts: usize,
+    },
 }
 
 /// Run the parsed command line.
@@ -191,6 +228,50 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => {
                     report!("cpsgate load: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+        Command::Plan {
+            config,
+            trace,
+            format,
+            speedup,
+            out,
+            json,
+            target,
+            step,
+            max_delay,
+            memory_attempts,
+        } => {
+            if !(max_delay.is_finite() && max_delay > 0.0 && max_delay <= 300.0) {
+                report!(
+                    "cpsgate plan: --max-delay {max_delay}: must be seconds between 0.001 and 300"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let opts = crate::plan::Options {
+                format: format.map(|f| match f.as_str() {
+                    "pcap" => crate::plan::trace::Format::Pcap,
+                    _ => crate::plan::trace::Format::Csv,
+                }),
+                speedup,
+                target,
+                step,
+                max_delay: std::time::Duration::from_secs_f64(max_delay),
+                memory_attempts: memory_attempts.max(1),
+                ..crate::plan::Options::new(config, trace)
+            };
+            match crate::plan::run(opts, out.as_deref(), json.as_deref()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(
+                    e @ (crate::plan::PlanError::Config(_) | crate::plan::PlanError::Option(_)),
+                ) => {
+                    report!("cpsgate plan: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(e) => {
+                    report!("cpsgate plan: {e}");
                     ExitCode::from(EXIT_RUNTIME)
                 }
             }

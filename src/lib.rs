@@ -18,6 +18,7 @@ pub mod config;
 pub mod flood;
 pub mod limiter;
 pub mod load;
+pub mod plan;
 pub mod proxy;
 pub mod routing;
 pub mod sip;

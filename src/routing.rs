@@ -160,6 +160,27 @@ impl Routes {
     /// Classify a request by its transport source, username and headers. Carriers are checked
     /// first (their traffic is never metered as a trunk's); trunks match in file order.
     pub fn classify(&self, src: SocketAddr, msg: &Message<'_>, req: &RequestView) -> Origin {
+        self.classify_with(
+            src,
+            || sip_username(msg, req),
+            |name, value| {
+                msg.headers().iter().any(|h| {
+                    header::name_matches(msg.slice(h.name_range.clone()), name)
+                        && msg.slice(h.value.clone()) == value.as_bytes()
+                })
+            },
+        )
+    }
+
+    /// [`Routes::classify`] from the parts of a request: its source, its SIP username (asked
+    /// once, only when a trunk matches by username) and whether it carries a header with a
+    /// given name and value. The capacity planner classifies trace rows with it.
+    pub fn classify_with<'a>(
+        &self,
+        src: SocketAddr,
+        username: impl FnOnce() -> Option<&'a [u8]>,
+        has_header: impl Fn(&str, &str) -> bool,
+    ) -> Origin {
         if let Some((i, _)) = self
             .carriers
             .iter()
@@ -167,26 +188,25 @@ impl Routes {
         {
             return Origin::Carrier(*i);
         }
-        let mut username: Option<Option<&[u8]>> = None;
+        let mut username = Some(username);
+        let mut user: Option<Option<&[u8]>> = None;
         for (i, t) in self.trunks.iter().enumerate() {
             let m = &t.matcher;
             if !m.sources.is_empty() && !m.sources.iter().any(|n| n.matches(src)) {
                 continue;
             }
             if let Some(want) = &m.username {
-                let got = *username.get_or_insert_with(|| sip_username(msg, req));
-                if got != Some(want.as_bytes()) {
+                if user.is_none() {
+                    user = Some(username.take().and_then(|f| f()));
+                }
+                if user.flatten() != Some(want.as_bytes()) {
                     continue;
                 }
             }
-            if let Some((name, value)) = &m.header {
-                let found = msg.headers().iter().any(|h| {
-                    header::name_matches(msg.slice(h.name_range.clone()), name)
-                        && msg.slice(h.value.clone()) == value.as_bytes()
-                });
-                if !found {
-                    continue;
-                }
+            if let Some((name, value)) = &m.header
+                && !has_header(name, value)
+            {
+                continue;
             }
             return Origin::Trunk(i);
         }

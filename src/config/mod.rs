@@ -431,7 +431,11 @@ impl fmt::Display for ConfigErrors {
 impl Config {
     /// Read and validate a file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        Self::validate(&Self::read(path)?, &path.display().to_string(), true)
+    }
+
+    fn read(path: &Path) -> Result<String, ConfigErrors> {
+        std::fs::read_to_string(path).map_err(|e| ConfigErrors {
             source_name: path.display().to_string(),
             errors: vec![ConfigError {
                 line: 0,
@@ -439,15 +443,25 @@ impl Config {
                 value: String::new(),
                 message: format!("cannot read file: {e}"),
             }],
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        })
+    }
+
+    /// Read and validate a file for a replay (`cpsgate plan`): secrets named by `*_env` keys
+    /// may be unset (a replay uses none of them); everything else is checked as for `run`.
+    pub fn load_for_replay(path: &Path) -> Result<Self, ConfigErrors> {
+        Self::validate(&Self::read(path)?, &path.display().to_string(), false)
     }
 
     /// Validate TOML text; `source_name` labels the messages.
     pub fn parse(text: &str, source_name: &str) -> Result<Self, ConfigErrors> {
+        Self::validate(text, source_name, true)
+    }
+
+    fn validate(text: &str, source_name: &str, need_secrets: bool) -> Result<Self, ConfigErrors> {
         let mut v = Validator {
             text,
             errors: Vec::new(),
+            need_secrets,
         };
         let cfg = v.document();
         if v.errors.is_empty() {
@@ -465,6 +479,8 @@ impl Config {
 struct Validator<'t> {
     text: &'t str,
     errors: Vec<ConfigError>,
+    /// False for a replay: an unset `*_env` secret is no error.
+    need_secrets: bool,
 }
 
 /// Raw sections collected from the document.
@@ -822,6 +838,7 @@ impl<'t> Validator<'t> {
             (Some(v), None) => Some(v.get_ref().clone()),
             (None, Some(var)) => match std::env::var(var.get_ref()) {
                 Ok(v) if !v.is_empty() => Some(v),
+                _ if !self.need_secrets => None,
                 _ => {
                     self.err_at(var, format!("{key}_env"), "environment variable is not set");
                     None

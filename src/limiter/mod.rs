@@ -97,7 +97,7 @@ impl Stages {
 }
 
 /// The first stage of a call: its trunk, or its source when it is on no trunk.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum First {
     /// Trunk index.
     Trunk(usize),
@@ -106,7 +106,7 @@ pub enum First {
 }
 
 /// What one call must pass.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ask {
     /// Stage 1.
     pub first: First,
@@ -335,6 +335,34 @@ impl Chain {
         {
             g.refund();
         }
+    }
+
+    /// The decision for one call: admit it now (`Ok(None)`), book it a slot ahead when its first
+    /// stage paces (`pacing = (max_delay, max_queue)`; `Ok(Some)`, the caller queues it), or
+    /// refuse it. A trunk whose queue already holds `max_queue` calls refuses at the trunk stage.
+    pub fn decide(
+        &self,
+        now: Instant,
+        ask: &Ask,
+        pacing: Option<(Duration, usize)>,
+    ) -> Result<Option<Reservation>, Refused> {
+        let Some((max_delay, max_queue)) = pacing else {
+            return self.admit(now, ask).map(|()| None);
+        };
+        let booked = self.reserve(now, ask, max_delay)?;
+        if booked.wait.is_zero() {
+            return Ok(None);
+        }
+        let full = matches!(ask.first, First::Trunk(t)
+            if self.trunks[t].stats.waiting() >= max_queue as u64);
+        if full {
+            self.release(ask, &booked.taken);
+            return Err(Refused {
+                stage: Stage::Trunk,
+                retry_after: booked.wait,
+            });
+        }
+        Ok(Some(booked))
     }
 
     /// Reserve, for a call that may wait up to `max_wait`, the earliest instant at which every

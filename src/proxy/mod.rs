@@ -6,7 +6,7 @@
 //! (§16.6: Max-Forwards, Record-Route, Via) → forward. Responses: check and pop our Via, send to
 //! the next one (§16.7, §18.2.2).
 
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +22,10 @@ use crate::sip::{
     Transport, Uri, Via, build_response, elements, remove_element, remove_elements,
 };
 
-/// RFC 3261 §8.1.1.7 magic cookie.
-const COOKIE: &str = "z9hG4bK";
+pub mod admission;
+
+use admission::{Admitted, DECISION_LABEL, Keys};
+
 /// Our branches: cookie + this marker + 16 hex digits.
 const BRANCH_PREFIX: &str = "z9hG4bKcg";
 /// Our To-tags: this marker + 16 hex digits.
@@ -322,7 +324,7 @@ pub enum BuildError {
 #[derive(Debug)]
 struct Shared {
     listeners: Vec<LocalListener>,
-    keys: (u64, u64),
+    keys: Keys,
     draining: std::sync::atomic::AtomicBool,
     decisions: BoundedMap<Decision>,
     admitted: BoundedMap<Admitted>,
@@ -559,24 +561,6 @@ impl Expiring for Decision {
     }
 }
 
-/// Re-sends with credentials an admitted INVITE may make uncharged (a 401 and then a 407).
-const FREE_AUTH_RETRIES: u8 = 2;
-
-/// An admitted call (keyed by Call-ID and From-tag): its re-sends with credentials after a
-/// 401/407 — each with a higher CSeq — are not charged again, up to [`FREE_AUTH_RETRIES`].
-#[derive(Debug)]
-struct Admitted {
-    expires: u64,
-    cseq: std::sync::atomic::AtomicU32,
-    free: std::sync::atomic::AtomicU8,
-}
-
-impl Expiring for Admitted {
-    fn expires(&self) -> u64 {
-        self.expires
-    }
-}
-
 /// An admitted call followed until it ends, for ASR and ACD.
 #[derive(Debug)]
 struct Followed {
@@ -761,19 +745,7 @@ impl Proxy {
         listeners: Vec<LocalListener>,
         start: Instant,
     ) -> Result<Self, BuildError> {
-        let keys = match &cfg.proxy.secret {
-            Some(s) => {
-                let mut h = SipHasher13::new_with_keys(0x6370_7367_6174_6501, 0x6b65_7973);
-                h.write(s.as_bytes());
-                let a = h.finish();
-                h.write_u8(1);
-                (a, h.finish())
-            }
-            None => {
-                let r = std::collections::hash_map::RandomState::new();
-                (r.hash_one(1u8), r.hash_one(2u8))
-            }
-        };
+        let keys = Keys::new(cfg.proxy.secret.as_deref());
         let shared = Arc::new(Shared {
             listeners,
             keys,
@@ -1351,9 +1323,11 @@ impl Core {
             }
             if let Some((ask, _, taken)) = &consult {
                 self.chain.refund_stages(ask, *taken);
-                self.shared
-                    .pending
-                    .remove(&self.transaction_hash(b'd', msg, &req.top_via));
+                self.shared.pending.remove(&self.transaction_hash(
+                    DECISION_LABEL,
+                    msg,
+                    &req.top_via,
+                ));
             }
             if (paced.is_some() || consult.is_some()) && self.record_route {
                 self.shared.dialogs.remove(self.dialog_key(msg));
@@ -1421,7 +1395,7 @@ impl Core {
                     ask,
                     shared,
                     taken,
-                    key: self.transaction_hash(b'd', msg, &req.top_via),
+                    key: self.transaction_hash(DECISION_LABEL, msg, &req.top_via),
                     target,
                     origin,
                     invite: Bytes::copy_from_slice(inb.data),
@@ -1456,7 +1430,7 @@ impl Core {
     ) -> Action {
         let wait = booked.wait;
         let now_ns = self.chain.epoch().ns(now);
-        let key = self.transaction_hash(b'd', msg, &req.top_via);
+        let key = self.transaction_hash(DECISION_LABEL, msg, &req.top_via);
         let First::Trunk(t) = ask.first else {
             unreachable!("only trunks pace");
         };
@@ -1555,7 +1529,7 @@ impl Core {
     /// Whether this request's transaction was decided before (its retransmissions get what the
     /// first copy got).
     fn known_transaction(&self, now: Instant, msg: &Message<'_>, req: &RequestView) -> bool {
-        let key = self.transaction_hash(b'd', msg, &req.top_via);
+        let key = self.transaction_hash(DECISION_LABEL, msg, &req.top_via);
         self.shared.queue.contains_key(&key)
             || self.shared.pending.contains_key(&key)
             || self
@@ -1576,14 +1550,7 @@ impl Core {
 
     /// The key of a call attempt across its auth retries: Call-ID and From-tag.
     fn attempt_key(&self, msg: &Message<'_>, req: &RequestView) -> u64 {
-        let buf = msg.buf();
-        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
-        h.write_u8(b'a');
-        for field in [req.call_id(buf), req.from_tag(buf).unwrap_or_default()] {
-            h.write_usize(field.len());
-            h.write(field);
-        }
-        h.finish()
+        self.shared.keys.attempt(msg, req)
     }
 
     /// The second half of admission for a call with shared buckets (see [`Proxy::settle`]).
@@ -1984,7 +1951,7 @@ impl Core {
         let now_ns = self.chain.epoch().ns(now);
         // RFC 3261 §17.2.3: a CANCEL and the retransmissions of an INVITE carry its top-Via
         // branch and sent-by.
-        let key = self.transaction_hash(b'd', msg, &req.top_via);
+        let key = self.transaction_hash(DECISION_LABEL, msg, &req.top_via);
         // A waiting call is known by the queue itself, whatever the cache has forgotten.
         let cached = if self.shared.queue.contains_key(&key) {
             Some(Verdict::Queued)
@@ -2101,25 +2068,7 @@ impl Core {
             let cseq = req.cseq.as_ref().map_or(0, |c| c.0);
             let auth_retry = !self.charge_auth_retry
                 && has_credentials
-                && self
-                    .shared
-                    .admitted
-                    .get(attempt, now_ns, |a| {
-                        use std::sync::atomic::Ordering::AcqRel;
-                        if cseq <= a.cseq.load(std::sync::atomic::Ordering::Acquire) {
-                            return false;
-                        }
-                        let spent = a.free.fetch_update(
-                            AcqRel,
-                            std::sync::atomic::Ordering::Acquire,
-                            |f| f.checked_sub(1),
-                        );
-                        if spent.is_ok() {
-                            a.cseq.fetch_max(cseq, AcqRel);
-                        }
-                        spent.is_ok()
-                    })
-                    .unwrap_or(false);
+                && admission::free_auth_retry(&self.shared.admitted, attempt, cseq, now_ns);
             let counters = |f: &dyn Fn(&crate::limiter::KeyStats)| {
                 if let First::Trunk(t) = ask.first {
                     f(&self.chain.trunks()[t].stats);
@@ -2155,27 +2104,8 @@ impl Core {
                     None
                 })
             } else {
-                match pacing {
-                    None => self.chain.admit(now, &ask).map(|()| None),
-                    Some(p) => self
-                        .chain
-                        .reserve(now, &ask, p.max_delay)
-                        .and_then(|booked| {
-                            if booked.wait.is_zero() {
-                                return Ok(None);
-                            }
-                            let full = matches!(ask.first, First::Trunk(t)
-                            if self.chain.trunks()[t].stats.waiting() >= p.max_queue as u64);
-                            if full {
-                                self.chain.release(&ask, &booked.taken);
-                                return Err(crate::limiter::Refused {
-                                    stage: Stage::Trunk,
-                                    retry_after: booked.wait,
-                                });
-                            }
-                            Ok(Some(booked))
-                        }),
-                }
+                self.chain
+                    .decide(now, &ask, pacing.map(|p| (p.max_delay, p.max_queue)))
             };
             if !auth_retry {
                 if let Err(refused) = outcome {
@@ -2225,15 +2155,9 @@ impl Core {
                         },
                     );
                 }
-                self.shared.admitted.insert(
-                    attempt,
-                    now_ns,
-                    Admitted {
-                        expires,
-                        cseq: std::sync::atomic::AtomicU32::new(cseq),
-                        free: std::sync::atomic::AtomicU8::new(FREE_AUTH_RETRIES),
-                    },
-                );
+                self.shared
+                    .admitted
+                    .insert(attempt, now_ns, Admitted::new(cseq, expires));
             }
         }
         // A paced call's verdict is written by `enqueue`, once it is in the queue; a call asked
@@ -2262,34 +2186,15 @@ impl Core {
         inb: &Inbound<'_>,
         origin: Origin,
     ) -> Option<Ask> {
-        let (first, account) = match origin {
-            Origin::Trunk(t) => (First::Trunk(t), self.routes.trunks()[t].account),
-            Origin::Unknown | Origin::Pbx if self.unknown_sources == UnknownSources::Limit => {
-                let ip = canonical_ip(inb.source.ip());
-                let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
-                h.write_u8(b's');
-                match ip {
-                    IpAddr::V4(v4) => h.write(&v4.octets()),
-                    // One subscriber holds a whole /64: limit the prefix, or it walks around
-                    // the limit (and fills the table) address by address.
-                    IpAddr::V6(v6) => h.write(&v6.octets()[..8]),
-                }
-                (First::Source(h.finish()), None)
-            }
-            _ => return None,
-        };
-        let username = self.chain.usernames().and_then(|_| {
-            let user = sip_username(msg, req)?;
-            let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
-            h.write_u8(b'u');
-            h.write(user);
-            Some(h.finish())
-        });
-        Some(Ask {
-            first,
-            username,
-            account,
-        })
+        admission::ask(
+            &self.shared.keys,
+            &self.routes,
+            self.unknown_sources,
+            self.chain.usernames().is_some(),
+            origin,
+            inb.source.ip(),
+            || sip_username(msg, req),
+        )
     }
 
     /// The answer to a call over a limit: the configured code, the stage's reason phrase, a
@@ -2690,54 +2595,12 @@ impl Core {
     /// The branch key of a Via whose branch carries the magic cookie (and more than it: a bare
     /// cookie identifies nothing, RFC 4475 §3.2.1).
     fn cookie_hash(&self, label: u8, buf: &[u8], via: &Via) -> Option<u64> {
-        let b = via
-            .branch(buf)
-            .filter(|b| b.starts_with(COOKIE.as_bytes()) && b.len() > COOKIE.len())?;
-        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
-        h.write_u8(label);
-        // Lengths first: field boundaries cannot be shifted to forge a collision.
-        h.write_usize(b.len());
-        h.write(b);
-        h.write_usize(via.host_range.len());
-        h.write(&buf[via.host_range.clone()]);
-        h.write_u16(via.port.unwrap_or(0));
-        Some(h.finish())
+        self.shared.keys.cookie(label, buf, via)
     }
 
-    /// A keyed hash of the fields that stay the same across retransmissions of one request and
-    /// the CANCEL and non-2xx ACK that belong to it (RFC 3261 §16.11; Kamailio excludes the
-    /// To-tag for INVITE/ACK/CANCEL for the same reason). Reads the fields leniently, so a
-    /// request that failed validation gets the same key as its well-formed ACK.
+    /// See [`Keys::transaction`].
     fn transaction_hash(&self, label: u8, msg: &Message<'_>, via: &Via) -> u64 {
-        let buf = msg.buf();
-        if let Some(h) = self.cookie_hash(label, buf, via) {
-            return h;
-        }
-        // RFC 2543 peer: the top Via, From-tag, Call-ID, CSeq number and Request-URI.
-        let tag_of = |name| {
-            msg.first(name)
-                .and_then(|h| NameAddr::parse(buf, h.value.clone()).ok())
-                .and_then(|n| n.tag(buf).map(<[u8]>::to_vec))
-                .unwrap_or_default()
-        };
-        let method = Method::from_bytes(msg.method().unwrap_or_default());
-        let mut h = SipHasher13::new_with_keys(self.shared.keys.0, self.shared.keys.1);
-        h.write_u8(label);
-        let call_id = msg.value(HeaderName::CallId).unwrap_or_default();
-        let from_tag = tag_of(HeaderName::From);
-        for field in [&buf[via.range.clone()], &from_tag[..], call_id] {
-            h.write_usize(field.len());
-            h.write(field);
-        }
-        let cseq = msg
-            .value(HeaderName::CSeq)
-            .and_then(|v| crate::sip::header::parse_cseq(v).ok());
-        h.write_u32(cseq.map_or(0, |c| c.0));
-        h.write(msg.request_uri().unwrap_or_default());
-        if !matches!(method, Method::Invite | Method::Ack | Method::Cancel) {
-            h.write(&tag_of(HeaderName::To));
-        }
-        h.finish()
+        self.shared.keys.transaction(label, msg, via)
     }
 
     /// The To-tag of our own responses to a request with this top Via (RFC 3261 §8.2.7: the same

@@ -1,0 +1,843 @@
+//! Reading a trace: CSV rows or captured SIP packets become [`Attempt`]s, each classified and
+//! keyed by the proxy's own code (trunk match, per-source and per-username keys, retransmission
+//! and auth re-send detection), in time order. Everything streams: the reader holds one row or
+//! packet, a bounded reordering window and the proxy's bounded retransmission cache.
+
+use std::collections::BinaryHeap;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+
+use crate::config::{Config, UnknownSources};
+use crate::limiter::{Ask, BoundedMap, Expiring, First};
+use crate::proxy::admission::{self, DECISION_LABEL, Keys};
+use crate::routing::{Origin, Routes};
+use crate::sip::{HeaderName, Message, Method, RequestView};
+
+/// How long the proxy remembers a decided INVITE, so its retransmissions are not new calls
+/// (64·T1 and then some; the proxy's decision cache uses the same span).
+pub const RETRANSMISSION_WINDOW_NS: u64 = 32_000_000_000;
+
+/// Rows may come out of time order by this much (captures merged from two interfaces, CSV
+/// written by several workers); the reader puts them back in order.
+pub const REORDER_WINDOW_NS: u64 = 2_000_000_000;
+
+/// The SIP port assumed for a CSV source given without one.
+pub const DEFAULT_PORT: u16 = 5060;
+
+/// One call attempt as the admission chain sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// Nanoseconds since the trace's first attempt (after `--speedup`).
+    pub at: u64,
+    /// What it must pass.
+    pub ask: Ask,
+    /// Its Call-ID and From-tag key (auth re-sends share it).
+    pub attempt: u64,
+    /// Its CSeq number.
+    pub cseq: u32,
+    /// True when it carries (Proxy-)Authorization: it may be an uncharged re-send after a
+    /// challenge.
+    pub credentials: bool,
+}
+
+/// A trace format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `timestamp, source_ip, sip_username, trunk, call_id`.
+    Csv,
+    /// A pcap or pcapng capture of SIP over UDP.
+    Pcap,
+}
+
+impl Format {
+    /// The format of `path`: pcap and pcapng by their magic number, anything else is CSV.
+    pub fn detect(path: &Path) -> std::io::Result<Self> {
+        let mut magic = [0u8; 4];
+        let mut f = std::fs::File::open(path)?;
+        let n = f.read(&mut magic)?;
+        let pcap = n == 4
+            && matches!(
+                u32::from_le_bytes(magic),
+                0xa1b2_c3d4 | 0xd4c3_b2a1 | 0xa1b2_3c4d | 0x4d3c_b2a1 | 0x0a0d_0d0a
+            );
+        Ok(if pcap { Self::Pcap } else { Self::Csv })
+    }
+}
+
+/// A trace that cannot be read, with where.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The file cannot be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The trace.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A CSV row that is not a call attempt.
+    #[error("line {line}: {message}")]
+    Row {
+        /// 1-based line.
+        line: u64,
+        /// What is wrong, with the value.
+        message: String,
+    },
+    /// A packet or block the capture reader cannot make sense of.
+    #[error("packet {packet}: {message}")]
+    Packet {
+        /// 1-based packet number (as Wireshark counts).
+        packet: u64,
+        /// What is wrong.
+        message: String,
+    },
+    /// A capture that is not pcap or pcapng.
+    #[error("not a pcap or pcapng capture: {0}")]
+    Capture(String),
+}
+
+/// What the reader saw besides the attempts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TraceStats {
+    /// CSV rows, or packets.
+    pub records: u64,
+    /// Initial INVITEs that are call attempts.
+    pub attempts: u64,
+    /// Retransmissions of an INVITE seen before (a CSV row repeating a Call-ID): not new calls.
+    pub retransmissions: u64,
+    /// Initial INVITEs from carriers (inbound calls): never metered.
+    pub from_carriers: u64,
+    /// Initial INVITEs from the PBX on no trunk, or from unknown sources, that the proxy would
+    /// not meter (`unknown_sources` is "reject" or "forward").
+    pub unmetered: u64,
+    /// Packets that are not SIP over UDP over IP (other protocols, fragments after the first).
+    pub skipped_packets: u64,
+    /// UDP payloads that are not SIP messages the scanner accepts, and INVITEs the proxy would
+    /// answer 400.
+    pub unparsable: u64,
+    /// The first few packet numbers of those.
+    pub unparsable_examples: Vec<u64>,
+    /// SIP messages other than initial INVITEs (responses, ACK, BYE, re-INVITEs...).
+    pub other_sip: u64,
+    /// Nanoseconds since the Unix epoch of the first attempt.
+    pub start_unix_ns: u64,
+    /// Nanoseconds from the first attempt to the last (after `--speedup`).
+    pub span_ns: u64,
+}
+
+/// Turns rows and packets into attempts with the proxy's classification and keys.
+pub struct Classifier {
+    routes: Routes,
+    keys: Keys,
+    unknown_sources: UnknownSources,
+    per_username: bool,
+    trunk_names: Vec<String>,
+    seen: BoundedMap<Seen>,
+    speedup: f64,
+    /// Attempts waiting for the reorder window: (at, sequence, attempt).
+    pending: BinaryHeap<std::cmp::Reverse<(u64, u64, Keyed)>>,
+    sequence: u64,
+    latest: u64,
+    start: Option<u64>,
+    last: u64,
+    /// What was seen.
+    pub stats: TraceStats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Keyed {
+    first: (u8, u64),
+    username: Option<u64>,
+    account: Option<usize>,
+    attempt: u64,
+    cseq: u32,
+    credentials: bool,
+}
+
+struct Seen(u64);
+
+impl Expiring for Seen {
+    fn expires(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Classifier {
+    /// A classifier for `cfg`; `speedup` divides the trace's time axis.
+    pub fn new(cfg: &Config, speedup: f64) -> Self {
+        Self {
+            routes: Routes::new(cfg),
+            keys: Keys::new(Some("cpsgate plan")),
+            unknown_sources: cfg.proxy.unknown_sources,
+            per_username: cfg.limits.username.is_some(),
+            trunk_names: cfg.trunks.iter().map(|t| t.name.clone()).collect(),
+            seen: BoundedMap::new(cfg.limits.decision_cache_size),
+            speedup,
+            pending: BinaryHeap::new(),
+            sequence: 0,
+            latest: 0,
+            start: None,
+            last: 0,
+            stats: TraceStats::default(),
+        }
+    }
+
+    /// True the first time a transaction key is seen within the retransmission window.
+    fn is_new(&mut self, key: u64, unix_ns: u64) -> bool {
+        if self.seen.get(key, unix_ns, |_| ()).is_some() {
+            self.stats.retransmissions += 1;
+            return false;
+        }
+        self.seen.insert(
+            key,
+            unix_ns,
+            Seen(unix_ns.saturating_add(RETRANSMISSION_WINDOW_NS)),
+        );
+        true
+    }
+
+    /// Queue an attempt at `unix_ns`; `Err` with the lag when it is further out of order than the
+    /// reorder window allows.
+    fn push(
+        &mut self,
+        unix_ns: u64,
+        ask: Ask,
+        attempt: u64,
+        cseq: u32,
+        credentials: bool,
+    ) -> Result<(), u64> {
+        if unix_ns.saturating_add(REORDER_WINDOW_NS) < self.latest {
+            return Err(self.latest - unix_ns);
+        }
+        self.latest = self.latest.max(unix_ns);
+        let first = match ask.first {
+            First::Trunk(t) => (0, t as u64),
+            First::Source(k) => (1, k),
+        };
+        self.sequence += 1;
+        self.pending.push(std::cmp::Reverse((
+            unix_ns,
+            self.sequence,
+            Keyed {
+                first,
+                username: ask.username,
+                account: ask.account,
+                attempt,
+                cseq,
+                credentials,
+            },
+        )));
+        Ok(())
+    }
+
+    /// Attempts whose place in time is settled (all of them with `all`), in time order.
+    pub fn drain(&mut self, all: bool, mut out: impl FnMut(Attempt)) {
+        while let Some(std::cmp::Reverse((t, _, _))) = self.pending.peek() {
+            if !all && t.saturating_add(REORDER_WINDOW_NS) > self.latest {
+                break;
+            }
+            let Some(std::cmp::Reverse((t, _, k))) = self.pending.pop() else {
+                break;
+            };
+            let start = *self.start.get_or_insert(t);
+            if self.stats.attempts == 0 {
+                self.stats.start_unix_ns = t;
+            }
+            let at = ((t - start) as f64 / self.speedup) as u64;
+            self.last = at;
+            self.stats.span_ns = at;
+            self.stats.attempts += 1;
+            out(Attempt {
+                at,
+                ask: Ask {
+                    first: match k.first {
+                        (0, t) => First::Trunk(t as usize),
+                        (_, s) => First::Source(s),
+                    },
+                    username: k.username,
+                    account: k.account,
+                },
+                attempt: k.attempt,
+                cseq: k.cseq,
+                credentials: k.credentials,
+            });
+        }
+    }
+
+    /// One CSV row (already split into fields), at 1-based `line`.
+    pub fn row(&mut self, line: u64, fields: &csv::ByteRecord) -> Result<(), TraceError> {
+        self.stats.records += 1;
+        let bad = |message: String| TraceError::Row { line, message };
+        let field = |i: usize| fields.get(i).map(trim).unwrap_or_default();
+        let (ts, src, user, trunk, call_id) = match fields.len() {
+            5 => (field(0), field(1), field(2), field(3), field(4)),
+            4 => (field(0), field(1), field(2), &b""[..], field(3)),
+            n => {
+                return Err(bad(format!(
+                    "{n} fields; want timestamp, source_ip, sip_username, trunk (may be empty), call_id"
+                )));
+            }
+        };
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let unix_ns = parse_timestamp(ts).ok_or_else(|| {
+            bad(format!(
+                "timestamp {:?} is neither Unix seconds (1732000000.125) nor RFC 3339 (2024-11-19T07:06:40.125Z)",
+                text(ts)
+            ))
+        })?;
+        let src = parse_source(src).ok_or_else(|| {
+            bad(format!(
+                "source_ip {:?} is not an IP address (or ip:port)",
+                text(src)
+            ))
+        })?;
+        if call_id.is_empty() {
+            return Err(bad("call_id is empty".into()));
+        }
+        let user = (!user.is_empty()).then_some(user);
+        let origin = if trunk.is_empty() {
+            // A CSV row has no headers: trunks matched by a header need the trunk column.
+            self.routes.classify_with(src, || user, |_, _| false)
+        } else {
+            let name = std::str::from_utf8(trunk).unwrap_or_default();
+            match self.trunk_names.iter().position(|n| n == name) {
+                Some(t) => Origin::Trunk(t),
+                None => {
+                    return Err(bad(format!(
+                        "trunk {:?} is not a [[trunk]] of the configuration",
+                        text(trunk)
+                    )));
+                }
+            }
+        };
+        let key = self.keys.hash(b'c', call_id);
+        if !self.is_new(key, unix_ns) {
+            return Ok(());
+        }
+        self.metered(unix_ns, origin, src.ip(), user, key, 0, false)
+            .map_err(|lag| bad(out_of_order(lag)))
+    }
+
+    /// One captured packet: `data` from the link layer on, `linktype` as the capture says.
+    pub fn packet(
+        &mut self,
+        number: u64,
+        unix_ns: u64,
+        linktype: i32,
+        data: &[u8],
+    ) -> Result<(), TraceError> {
+        self.stats.records += 1;
+        let bad = |message: String| TraceError::Packet {
+            packet: number,
+            message,
+        };
+        let Some((src, payload)) = udp_payload(linktype, data).map_err(|m| bad(m.into()))? else {
+            self.stats.skipped_packets += 1;
+            return Ok(());
+        };
+        let unparsable = |s: &mut Self| {
+            s.stats.unparsable += 1;
+            if s.stats.unparsable_examples.len() < 10 {
+                s.stats.unparsable_examples.push(number);
+            }
+            tracing::debug!(packet = number, "not a SIP message the proxy would take");
+        };
+        // Keep-alives (CRLF) and other non-SIP UDP on the same ports.
+        if payload.iter().all(|b| b.is_ascii_whitespace()) || !payload.contains(&b'\n') {
+            self.stats.skipped_packets += 1;
+            return Ok(());
+        }
+        let Ok(msg) = Message::scan(payload) else {
+            unparsable(self);
+            return Ok(());
+        };
+        if msg.is_response() || msg.method() != Some(b"INVITE") {
+            self.stats.other_sip += 1;
+            return Ok(());
+        }
+        let req = match RequestView::parse(&msg) {
+            Ok(r) if msg.defect().is_none() => r,
+            _ => {
+                unparsable(self);
+                return Ok(());
+            }
+        };
+        if req.method != Method::Invite || req.to_tag(payload).is_some() {
+            self.stats.other_sip += 1;
+            return Ok(());
+        }
+        let key = self.keys.transaction(DECISION_LABEL, &msg, &req.top_via);
+        if !self.is_new(key, unix_ns) {
+            return Ok(());
+        }
+        let origin = self.routes.classify(src, &msg, &req);
+        let user = crate::routing::sip_username(&msg, &req);
+        let attempt = self.keys.attempt(&msg, &req);
+        let cseq = req.cseq.as_ref().map_or(0, |c| c.0);
+        let credentials = msg.first(HeaderName::Authorization).is_some()
+            || msg.first(HeaderName::ProxyAuthorization).is_some();
+        self.metered(unix_ns, origin, src.ip(), user, attempt, cseq, credentials)
+            .map_err(|lag| bad(out_of_order(lag)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn metered(
+        &mut self,
+        unix_ns: u64,
+        origin: Origin,
+        ip: IpAddr,
+        user: Option<&[u8]>,
+        attempt: u64,
+        cseq: u32,
+        credentials: bool,
+    ) -> Result<(), u64> {
+        let ask = admission::ask(
+            &self.keys,
+            &self.routes,
+            self.unknown_sources,
+            self.per_username,
+            origin,
+            ip,
+            || user,
+        );
+        match (ask, origin) {
+            (Some(ask), _) => self.push(unix_ns, ask, attempt, cseq, credentials),
+            (None, Origin::Carrier(_)) => {
+                self.stats.from_carriers += 1;
+                Ok(())
+            }
+            (None, _) => {
+                self.stats.unmetered += 1;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn out_of_order(lag: u64) -> String {
+    format!(
+        "{:.3} s earlier than a row before it (more than the {} s the reader reorders); sort the trace by time",
+        lag as f64 / 1e9,
+        REORDER_WINDOW_NS / 1_000_000_000
+    )
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// `ip`, `ip:port` or `[v6]:port`; the port defaults to 5060.
+fn parse_source(b: &[u8]) -> Option<SocketAddr> {
+    let s = std::str::from_utf8(b).ok()?;
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa);
+    }
+    s.parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
+}
+
+/// Unix seconds with an optional fraction, or RFC 3339 (`2024-11-19T07:06:40.125Z`, `+01:00`
+/// offsets, a space instead of `T`), as nanoseconds since the Unix epoch.
+pub fn parse_timestamp(b: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(b).ok()?;
+    if s.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
+        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+        if whole.is_empty() || frac.len() > 9 {
+            return None;
+        }
+        let secs: u64 = whole.parse().ok()?;
+        let mut ns = 0u64;
+        for (i, d) in frac.bytes().enumerate() {
+            ns += u64::from(d - b'0') * 10u64.pow(8 - i as u32);
+        }
+        return secs.checked_mul(1_000_000_000)?.checked_add(ns);
+    }
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut ns = 0i64;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        let digits = &s[start..i];
+        if digits.is_empty() {
+            return None;
+        }
+        for (k, d) in digits.bytes().take(9).enumerate() {
+            ns += i64::from(d - b'0') * 10i64.pow(8 - k as u32);
+        }
+    }
+    let offset = match &s[i..] {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6
+            && matches!(tz.as_bytes()[0], b'+' | b'-')
+            && tz.as_bytes()[3] == b':' =>
+        {
+            let h = num(i + 1..i + 3)?;
+            let m = num(i + 4..i + 6)?;
+            let sign = if tz.as_bytes()[0] == b'-' { -1 } else { 1 };
+            sign * (h * 3600 + m * 60)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    let total = i128::from(secs) * 1_000_000_000 + i128::from(ns);
+    u64::try_from(total).ok()
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The RFC 3339 form (UTC, milliseconds) of nanoseconds since the Unix epoch.
+pub fn format_timestamp(unix_ns: u64) -> String {
+    let secs = (unix_ns / 1_000_000_000) as i64;
+    let ms = (unix_ns / 1_000_000) % 1000;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The UDP payload of a captured frame and its source, `Ok(None)` for frames that are not UDP
+/// over IP (or are later fragments), `Err` for frames whose headers are cut short or
+/// inconsistent.
+pub fn udp_payload(
+    linktype: i32,
+    data: &[u8],
+) -> Result<Option<(SocketAddr, &[u8])>, &'static str> {
+    const SHORT: &str = "frame cut short before the end of its headers";
+    // (ethertype, offset of the network header)
+    let (ethertype, mut off) = match linktype {
+        // Ethernet, with up to two VLAN tags.
+        1 => {
+            let mut off = 12;
+            let mut et;
+            loop {
+                et = u16::from_be_bytes([
+                    *data.get(off).ok_or(SHORT)?,
+                    *data.get(off + 1).ok_or(SHORT)?,
+                ]);
+                off += 2;
+                if !matches!(et, 0x8100 | 0x88a8) || off > 20 {
+                    break;
+                }
+                off += 2;
+            }
+            (et, off)
+        }
+        // BSD loopback: a 4-byte address family in host order.
+        0 | 108 => {
+            let fam = data.get(..4).ok_or(SHORT)?;
+            let le = u32::from_le_bytes([fam[0], fam[1], fam[2], fam[3]]);
+            let be = u32::from_be_bytes([fam[0], fam[1], fam[2], fam[3]]);
+            let et = match (le.min(be), le.max(be)) {
+                (2, _) => 0x0800,
+                (24 | 28 | 30, _) => 0x86dd,
+                _ => return Ok(None),
+            };
+            (et, 4)
+        }
+        // Raw IP.
+        101 | 228 | 229 => match data.first().map(|b| b >> 4) {
+            Some(4) => (0x0800, 0),
+            Some(6) => (0x86dd, 0),
+            Some(_) => return Ok(None),
+            None => return Err(SHORT),
+        },
+        // Linux cooked capture v1 and v2.
+        113 => (
+            u16::from_be_bytes([*data.get(14).ok_or(SHORT)?, *data.get(15).ok_or(SHORT)?]),
+            16,
+        ),
+        276 => (
+            u16::from_be_bytes([*data.first().ok_or(SHORT)?, *data.get(1).ok_or(SHORT)?]),
+            20,
+        ),
+        _ => return Ok(None),
+    };
+    let (src_ip, proto, l4) = match ethertype {
+        0x0800 => {
+            let ip = data.get(off..off + 20).ok_or(SHORT)?;
+            if ip[0] >> 4 != 4 {
+                return Err("IPv4 ethertype but not an IPv4 header");
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            if ihl < 20 || total < ihl {
+                return Err("IPv4 header length or total length is wrong");
+            }
+            let frag = u16::from_be_bytes([ip[6], ip[7]]);
+            if frag & 0x1fff != 0 {
+                // A later fragment: the first one holds the start of the message.
+                return Ok(None);
+            }
+            let src = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
+            let end = (off + total).min(data.len());
+            let proto = ip[9];
+            off += ihl;
+            (src, proto, data.get(off..end).ok_or(SHORT)?)
+        }
+        0x86dd => {
+            let ip = data.get(off..off + 40).ok_or(SHORT)?;
+            let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&ip[8..24]);
+            let mut next = ip[6];
+            off += 40;
+            let end = (off + payload_len).min(data.len());
+            // Hop-by-hop, routing and destination options; a fragment header ends the walk.
+            let mut hops = 0;
+            while matches!(next, 0 | 43 | 60) && hops < 8 {
+                let h = data.get(off..off + 2).ok_or(SHORT)?;
+                next = h[0];
+                off += (usize::from(h[1]) + 1) * 8;
+                hops += 1;
+            }
+            if next == 44 {
+                let h = data.get(off..off + 8).ok_or(SHORT)?;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return Ok(None);
+                }
+                next = h[0];
+                off += 8;
+            }
+            (
+                IpAddr::V6(Ipv6Addr::from(src)),
+                next,
+                data.get(off..end.max(off)).ok_or(SHORT)?,
+            )
+        }
+        _ => return Ok(None),
+    };
+    if proto != 17 {
+        return Ok(None);
+    }
+    let udp = l4.get(..8).ok_or(SHORT)?;
+    let sport = u16::from_be_bytes([udp[0], udp[1]]);
+    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    if len < 8 {
+        return Err("UDP length below 8");
+    }
+    if len > l4.len() {
+        // Either the capture's snap length cut it, or it is the first of several fragments.
+        return Err(
+            "UDP datagram longer than what was captured (capture with a full snap length, e.g. tcpdump -s 0)",
+        );
+    }
+    Ok(Some((SocketAddr::new(src_ip, sport), &l4[8..len])))
+}
+
+/// Read a CSV trace: every row through `classifier`, every settled attempt to `out`.
+pub fn read_csv(
+    path: &Path,
+    classifier: &mut Classifier,
+    mut out: impl FnMut(Attempt),
+) -> Result<(), TraceError> {
+    let io = |source| TraceError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        .buffer_capacity(1 << 16)
+        .from_reader(file);
+    let mut rec = csv::ByteRecord::new();
+    let mut first = true;
+    loop {
+        match rdr.read_byte_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                return Err(TraceError::Row {
+                    line,
+                    message: e.to_string(),
+                });
+            }
+        }
+        let line = rec.position().map_or(0, |p| p.line());
+        // A header row names the columns.
+        if first
+            && rec.get(0).is_some_and(|f| {
+                parse_timestamp(trim(f)).is_none() && f.eq_ignore_ascii_case(b"timestamp")
+            })
+        {
+            first = false;
+            continue;
+        }
+        first = false;
+        if rec.iter().all(|f| f.is_empty()) {
+            continue;
+        }
+        classifier.row(line, &rec)?;
+        classifier.drain(false, &mut out);
+    }
+    classifier.drain(true, &mut out);
+    Ok(())
+}
+
+/// Read a pcap or pcapng capture: every UDP packet through `classifier`, every settled attempt
+/// to `out`.
+pub fn read_pcap(
+    path: &Path,
+    classifier: &mut Classifier,
+    mut out: impl FnMut(Attempt),
+) -> Result<(), TraceError> {
+    use pcap_parser::pcapng::Block;
+    use pcap_parser::{PcapBlockOwned, PcapError};
+    let io = |source| TraceError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut reader = pcap_parser::create_reader(1 << 20, file)
+        .map_err(|e| TraceError::Capture(format!("{e:?}")))?;
+    // Legacy: (linktype, nanosecond timestamps); pcapng: per interface (linktype, units per
+    // second, offset seconds).
+    let mut legacy = (1i32, false);
+    let mut interfaces: Vec<(i32, u64, i64)> = Vec::new();
+    let mut number = 0u64;
+    let mut stalled = 0;
+    loop {
+        match reader.next() {
+            Ok((offset, block)) => {
+                stalled = 0;
+                let packet = match block {
+                    PcapBlockOwned::LegacyHeader(h) => {
+                        legacy = (h.network.0, h.is_nanosecond_precision());
+                        None
+                    }
+                    PcapBlockOwned::Legacy(b) => {
+                        let frac = if legacy.1 {
+                            u64::from(b.ts_usec)
+                        } else {
+                            u64::from(b.ts_usec) * 1000
+                        };
+                        let ns = u64::from(b.ts_sec) * 1_000_000_000 + frac;
+                        let len = (b.caplen as usize).min(b.data.len());
+                        Some((ns, legacy.0, &b.data[..len]))
+                    }
+                    PcapBlockOwned::NG(Block::SectionHeader(_)) => {
+                        interfaces.clear();
+                        None
+                    }
+                    PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
+                        interfaces.push((
+                            idb.linktype.0,
+                            idb.ts_resolution().unwrap_or(1_000_000),
+                            idb.ts_offset(),
+                        ));
+                        None
+                    }
+                    PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
+                        let Some(&(lt, res, off)) = interfaces.get(epb.if_id as usize) else {
+                            return Err(TraceError::Packet {
+                                packet: number + 1,
+                                message: format!(
+                                    "names interface {} that no interface block describes",
+                                    epb.if_id
+                                ),
+                            });
+                        };
+                        let ts = (u64::from(epb.ts_high) << 32) | u64::from(epb.ts_low);
+                        let secs = (ts / res) as i64 + off;
+                        let frac = (u128::from(ts % res) * 1_000_000_000 / u128::from(res)) as u64;
+                        let ns = u64::try_from(secs).unwrap_or(0) * 1_000_000_000 + frac;
+                        let len = (epb.caplen as usize).min(epb.data.len());
+                        Some((ns, lt, &epb.data[..len]))
+                    }
+                    PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
+                        // No timestamp: it cannot be placed in time.
+                        number += 1;
+                        let _ = spb;
+                        classifier.stats.records += 1;
+                        classifier.stats.skipped_packets += 1;
+                        None
+                    }
+                    PcapBlockOwned::NG(_) => None,
+                };
+                if let Some((ns, lt, data)) = packet {
+                    number += 1;
+                    classifier.packet(number, ns, lt, data)?;
+                    classifier.drain(false, &mut out);
+                }
+                reader.consume(offset);
+            }
+            Err(PcapError::Eof) => break,
+            Err(PcapError::Incomplete(_)) if stalled < 2 => {
+                stalled += 1;
+                reader.refill().map_err(|e| TraceError::Packet {
+                    packet: number + 1,
+                    message: format!("cannot read the capture on: {e:?}"),
+                })?;
+            }
+            Err(PcapError::UnexpectedEof | PcapError::Incomplete(_)) => {
+                return Err(TraceError::Packet {
+                    packet: number + 1,
+                    message: "the capture ends inside this packet (truncated file)".into(),
+                });
+            }
+            Err(e) => {
+                return Err(TraceError::Packet {
+                    packet: number + 1,
+                    message: format!("malformed block: {e:?}"),
+                });
+            }
+        }
+    }
+    classifier.drain(true, &mut out);
+    Ok(())
+}
