@@ -562,3 +562,79 @@ pub fn replay(store: &Store, sc: &Scenario) -> std::io::Result<Outcome> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spilled_attempts_read_back_the_same() {
+        let a = Attempt {
+            at: 123_456_789_012,
+            ask: Ask {
+                first: First::Source(u64::MAX - 7),
+                username: Some(42),
+                account: Some(3),
+            },
+            attempt: 99,
+            cseq: 7,
+            credentials: true,
+        };
+        let b = Attempt {
+            ask: Ask {
+                first: First::Trunk(5),
+                username: None,
+                account: None,
+            },
+            credentials: false,
+            ..a
+        };
+        assert_eq!(decode(&encode(&a)), a);
+        assert_eq!(decode(&encode(&b)), b);
+        let mut store = Store::new(1);
+        store.push(a).unwrap();
+        store.push(b).unwrap();
+        store.finish().unwrap();
+        assert!(store.spilled());
+        let mut back = Vec::new();
+        store.for_each(|x| back.push(*x)).unwrap();
+        assert_eq!(back, vec![a, b]);
+    }
+
+    #[test]
+    fn quantiles_count_quiet_seconds_as_zero() {
+        let hist: HashMap<u32, u64> = [(10, 5), (30, 1)].into_iter().collect();
+        // 100 seconds: 94 quiet, 5 at 10, 1 at 30.
+        assert_eq!(Seconds::quantile(&hist, 100, 0.95), 10);
+        assert_eq!(Seconds::quantile(&hist, 100, 0.94), 0);
+        assert_eq!(Seconds::quantile(&hist, 100, 1.0), 30);
+        assert_eq!(Seconds::quantile(&hist, 6, 0.5), 10);
+    }
+
+    #[test]
+    fn rejecting_stretches_and_bins() {
+        let mut s = Seconds::new();
+        for sec in [3, 4, 5, 9, 10] {
+            s.advance(sec);
+            s.add(sec, 2);
+        }
+        s.advance(12);
+        assert_eq!(s.longest_rejecting, Some((3, 3)));
+        assert_eq!(s.rejecting_seconds, 5);
+        let mut long = Seconds::new();
+        for sec in 0..(MAX_BINS as u64 * 3) {
+            long.advance(sec);
+            long.add(sec, 0);
+            if sec == 5000 {
+                long.add(sec, 0);
+            }
+        }
+        long.advance(MAX_BINS as u64 * 3);
+        // 6144 s: halved at 2048 s and at 4096 s.
+        assert_eq!(long.bin, 4);
+        assert_eq!(long.series.len(), MAX_BINS * 3 / 4);
+        assert_eq!(long.series[1250], [2, 0]);
+        assert_eq!(long.series[1251], [1, 0]);
+        assert_eq!(long.offered_peak, (2, 5000));
+    }
+}

@@ -103,7 +103,8 @@ pub enum TraceError {
 pub struct TraceStats {
     /// CSV rows, or packets.
     pub records: u64,
-    /// Initial INVITEs that are call attempts.
+    /// Initial INVITEs that reach admission (re-sends with credentials after a challenge
+    /// included: the replay finds which of them are free).
     pub attempts: u64,
     /// Retransmissions of an INVITE seen before (a CSV row repeating a Call-ID): not new calls.
     pub retransmissions: u64,
@@ -840,4 +841,138 @@ pub fn read_pcap(
     }
     classifier.drain(true, &mut out);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_in_unix_seconds_and_rfc_3339() {
+        assert_eq!(
+            parse_timestamp(b"1732000000"),
+            Some(1_732_000_000_000_000_000)
+        );
+        assert_eq!(
+            parse_timestamp(b"1732000000.125"),
+            Some(1_732_000_000_125_000_000)
+        );
+        assert_eq!(parse_timestamp(b"0.000000001"), Some(1));
+        assert_eq!(
+            parse_timestamp(b"2024-11-19T07:06:40Z"),
+            Some(1_732_000_000_000_000_000)
+        );
+        assert_eq!(
+            parse_timestamp(b"2024-11-19 07:06:40.125Z"),
+            Some(1_732_000_000_125_000_000)
+        );
+        assert_eq!(
+            parse_timestamp(b"2024-11-19T08:06:40.125+01:00"),
+            Some(1_732_000_000_125_000_000)
+        );
+        assert_eq!(
+            parse_timestamp(b"2000-02-29T00:00:00Z"),
+            Some(951_782_400_000_000_000)
+        );
+        for bad in [
+            &b""[..],
+            b".5",
+            b"1.0000000001",
+            b"12:00",
+            b"2024-13-01T00:00:00Z",
+            b"2024-11-19T07:06:40",
+            b"2024-11-19T25:00:00Z",
+            b"1e9",
+        ] {
+            assert_eq!(
+                parse_timestamp(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            format_timestamp(1_732_000_000_125_000_000),
+            "2024-11-19T07:06:40.125Z"
+        );
+        assert_eq!(
+            format_timestamp(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn sources_with_and_without_a_port() {
+        assert_eq!(
+            parse_source(b"10.0.0.1"),
+            Some("10.0.0.1:5060".parse().unwrap())
+        );
+        assert_eq!(
+            parse_source(b"10.0.0.1:5080"),
+            Some("10.0.0.1:5080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_source(b"2001:db8::1"),
+            Some("[2001:db8::1]:5060".parse().unwrap())
+        );
+        assert_eq!(
+            parse_source(b"[2001:db8::1]:7"),
+            Some("[2001:db8::1]:7".parse().unwrap())
+        );
+        assert_eq!(parse_source(b"pbx.example"), None);
+    }
+
+    fn ipv4_udp(src: [u8; 4], sport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + 8 + payload.len()) as u16;
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[192, 0, 2, 1]);
+        let len = (8 + payload.len()) as u16;
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&5060u16.to_be_bytes());
+        f.extend_from_slice(&len.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn udp_payloads_from_ethernet_frames() {
+        let f = ipv4_udp([10, 1, 0, 5], 5062, b"hello");
+        let (src, p) = udp_payload(1, &f).unwrap().unwrap();
+        assert_eq!(src, "10.1.0.5:5062".parse().unwrap());
+        assert_eq!(p, b"hello");
+        // Raw IP: the same without the Ethernet header.
+        assert_eq!(udp_payload(101, &f[14..]).unwrap().unwrap().1, b"hello");
+        // Cut short by the snap length: an error, not a silent skip.
+        assert!(udp_payload(1, &f[..f.len() - 2]).is_err());
+        assert!(udp_payload(1, &f[..20]).is_err());
+        // TCP, ARP and later fragments are skipped.
+        let mut tcp = f.clone();
+        tcp[14 + 9] = 6;
+        assert_eq!(udp_payload(1, &tcp).unwrap(), None);
+        let mut arp = f.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(udp_payload(1, &arp).unwrap(), None);
+        let mut frag = f.clone();
+        frag[14 + 7] = 0x10;
+        assert_eq!(udp_payload(1, &frag).unwrap(), None);
+        // An unknown link type is skipped.
+        assert_eq!(udp_payload(147, &f).unwrap(), None);
+    }
 }

@@ -13,6 +13,7 @@ mod harness;
 mod interop;
 mod limits;
 mod load;
+mod plan;
 mod roundtrip;
 mod smoke;
 mod torture;
