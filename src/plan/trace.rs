@@ -3,13 +3,13 @@
 //! and auth re-send detection), in time order. Everything streams: the reader holds one row or
 //! packet, a bounded reordering window and the proxy's bounded retransmission cache.
 
-use std::collections::BinaryHeap;
+use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use crate::config::{Config, UnknownSources};
-use crate::limiter::{Ask, BoundedMap, Expiring, First};
+use crate::limiter::{Ask, BoundedMap, Expiring};
 use crate::proxy::admission::{self, DECISION_LABEL, Keys};
 use crate::routing::{Origin, Routes};
 use crate::sip::{HeaderName, Message, Method, RequestView};
@@ -137,24 +137,12 @@ pub struct Classifier {
     trunk_names: Vec<String>,
     seen: BoundedMap<Seen>,
     speedup: f64,
-    /// Attempts waiting for the reorder window: (at, sequence, attempt).
-    pending: BinaryHeap<std::cmp::Reverse<(u64, u64, Keyed)>>,
-    sequence: u64,
+    /// Attempts waiting for the reorder window, in time order: (Unix ns, attempt).
+    pending: VecDeque<(u64, Attempt)>,
     latest: u64,
     start: Option<u64>,
-    last: u64,
     /// What was seen.
     pub stats: TraceStats,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Keyed {
-    first: (u8, u64),
-    username: Option<u64>,
-    account: Option<usize>,
-    attempt: u64,
-    cseq: u32,
-    credentials: bool,
 }
 
 struct Seen(u64);
@@ -176,11 +164,9 @@ impl Classifier {
             trunk_names: cfg.trunks.iter().map(|t| t.name.clone()).collect(),
             seen: BoundedMap::new(cfg.limits.decision_cache_size),
             speedup,
-            pending: BinaryHeap::new(),
-            sequence: 0,
+            pending: VecDeque::new(),
             latest: 0,
             start: None,
-            last: 0,
             stats: TraceStats::default(),
         }
     }
@@ -201,69 +187,36 @@ impl Classifier {
 
     /// Queue an attempt at `unix_ns`; `Err` with the lag when it is further out of order than the
     /// reorder window allows.
-    fn push(
-        &mut self,
-        unix_ns: u64,
-        ask: Ask,
-        attempt: u64,
-        cseq: u32,
-        credentials: bool,
-    ) -> Result<(), u64> {
+    fn push(&mut self, unix_ns: u64, a: Attempt) -> Result<(), u64> {
         if unix_ns.saturating_add(REORDER_WINDOW_NS) < self.latest {
             return Err(self.latest - unix_ns);
         }
         self.latest = self.latest.max(unix_ns);
-        let first = match ask.first {
-            First::Trunk(t) => (0, t as u64),
-            First::Source(k) => (1, k),
-        };
-        self.sequence += 1;
-        self.pending.push(std::cmp::Reverse((
-            unix_ns,
-            self.sequence,
-            Keyed {
-                first,
-                username: ask.username,
-                account: ask.account,
-                attempt,
-                cseq,
-                credentials,
-            },
-        )));
+        // Rows in order go to the back; a late one after every row not later than it.
+        if self.pending.back().is_none_or(|b| b.0 <= unix_ns) {
+            self.pending.push_back((unix_ns, a));
+        } else {
+            let at = self.pending.partition_point(|p| p.0 <= unix_ns);
+            self.pending.insert(at, (unix_ns, a));
+        }
         Ok(())
     }
 
     /// Attempts whose place in time is settled (all of them with `all`), in time order.
     pub fn drain(&mut self, all: bool, mut out: impl FnMut(Attempt)) {
-        while let Some(std::cmp::Reverse((t, _, _))) = self.pending.peek() {
+        while let Some(&(t, a)) = self.pending.front() {
             if !all && t.saturating_add(REORDER_WINDOW_NS) > self.latest {
                 break;
             }
-            let Some(std::cmp::Reverse((t, _, k))) = self.pending.pop() else {
-                break;
-            };
+            self.pending.pop_front();
             let start = *self.start.get_or_insert(t);
             if self.stats.attempts == 0 {
                 self.stats.start_unix_ns = t;
             }
             let at = ((t - start) as f64 / self.speedup) as u64;
-            self.last = at;
             self.stats.span_ns = at;
             self.stats.attempts += 1;
-            out(Attempt {
-                at,
-                ask: Ask {
-                    first: match k.first {
-                        (0, t) => First::Trunk(t as usize),
-                        (_, s) => First::Source(s),
-                    },
-                    username: k.username,
-                    account: k.account,
-                },
-                attempt: k.attempt,
-                cseq: k.cseq,
-                credentials: k.credentials,
-            });
+            out(Attempt { at, ..a });
         }
     }
 
@@ -404,7 +357,16 @@ impl Classifier {
             || user,
         );
         match (ask, origin) {
-            (Some(ask), _) => self.push(unix_ns, ask, attempt, cseq, credentials),
+            (Some(ask), _) => self.push(
+                unix_ns,
+                Attempt {
+                    at: 0,
+                    ask,
+                    attempt,
+                    cseq,
+                    credentials,
+                },
+            ),
             (None, Origin::Carrier(_)) => {
                 self.stats.from_carriers += 1;
                 Ok(())
@@ -692,7 +654,6 @@ pub fn read_csv(
         .has_headers(false)
         .flexible(true)
         .comment(Some(b'#'))
-        .trim(csv::Trim::All)
         .buffer_capacity(1 << 16)
         .from_reader(file);
     let mut rec = csv::ByteRecord::new();
@@ -712,15 +673,15 @@ pub fn read_csv(
         let line = rec.position().map_or(0, |p| p.line());
         // A header row names the columns.
         if first
-            && rec.get(0).is_some_and(|f| {
-                parse_timestamp(trim(f)).is_none() && f.eq_ignore_ascii_case(b"timestamp")
-            })
+            && rec
+                .get(0)
+                .is_some_and(|f| trim(f).eq_ignore_ascii_case(b"timestamp"))
         {
             first = false;
             continue;
         }
         first = false;
-        if rec.iter().all(|f| f.is_empty()) {
+        if rec.iter().all(|f| trim(f).is_empty()) {
             continue;
         }
         classifier.row(line, &rec)?;
