@@ -76,7 +76,7 @@ fn call(i: u64) -> (u64, &'static str) {
     let even = i * span / CALLS;
     // Every third minute runs at 1.5× the mean rate; the others make up for it.
     let minute = even / 60_000_000_000;
-    let at = if minute % 3 == 0 {
+    let at = if minute.is_multiple_of(3) {
         even - even % 60_000_000_000 + (even % 60_000_000_000) * 2 / 3
     } else {
         even
