@@ -104,6 +104,7 @@ fn draw_inner(s: &Series, path: &Path) -> Result<(), Box<dyn std::error::Error>>
         .x_desc(x_desc)
         .y_desc("calls per second")
         .x_label_formatter(&|x| clock(*x))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
     let points = |v: &[u32], bin: u64| -> Vec<(f64, f64)> {
@@ -124,18 +125,18 @@ fn draw_inner(s: &Series, path: &Path) -> Result<(), Box<dyn std::error::Error>>
         .legend(legend(offered_c));
     chart
         .draw_series(LineSeries::new(
-            points(&s.paced, s.paced_bin_secs),
-            paced_c.stroke_width(1),
-        ))?
-        .label("sent if paced instead")
-        .legend(legend(paced_c));
-    chart
-        .draw_series(LineSeries::new(
             points(&s.admitted, s.bin_secs),
             admitted_c.stroke_width(2),
         ))?
         .label("admitted as configured")
         .legend(legend(admitted_c));
+    chart
+        .draw_series(LineSeries::new(
+            points(&s.paced, s.paced_bin_secs),
+            paced_c.stroke_width(2),
+        ))?
+        .label("sent if paced instead")
+        .legend(legend(paced_c));
     chart
         .draw_series(DashedLineSeries::new(
             [(0.0, s.rate), (span, s.rate)],
