@@ -83,6 +83,9 @@ pub enum PlanError {
     /// Reading or writing a file.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Nothing to replay.
+    #[error("{0}")]
+    Empty(String),
 }
 
 /// The whole report (also its JSON form).
@@ -318,6 +321,20 @@ impl Planner {
         .map_err(trace_err)?;
         stored?;
         store.finish()?;
+        if store.is_empty() {
+            let s = &classifier.stats;
+            return Err(PlanError::Empty(format!(
+                "{}: no call attempt to replay ({} records: {} INVITEs from carriers, {} from sources the proxy would not meter, {} retransmissions, {} other SIP messages, {} unparsable, {} other packets)",
+                opts.trace.display(),
+                s.records,
+                s.from_carriers,
+                s.unmetered,
+                s.retransmissions,
+                s.other_sip,
+                s.unparsable,
+                s.skipped_packets
+            )));
+        }
         Ok(Self {
             cfg,
             stats: classifier.stats,
@@ -411,15 +428,17 @@ impl Planner {
         let configured = self.replay(&self.as_configured())?;
         let span = configured.span_secs;
         // Searches: each trunk alone, then each pool behind its trunks at their recommendations.
-        let mut trunk_rec: Vec<Option<Recommendation>> = Vec::new();
-        for (t, (_, limit)) in spec.trunks.iter().enumerate() {
-            let rec = if configured.trunks[t].attempts == 0 {
-                None
-            } else {
-                Some(self.recommend(*limit, |l| self.trunk_share(t, l))?)
-            };
-            trunk_rec.push(rec);
-        }
+        // Every search and what-if is an independent replay of the same attempts: they run on
+        // every core.
+        let trunk_rec: Vec<Option<Recommendation>> = par_map(spec.trunks.len(), |t| {
+            let attempts = configured.trunks[t].attempts;
+            if attempts == 0 {
+                return Ok(None);
+            }
+            let limit = spec.trunks[t].1;
+            self.recommend(limit, attempts, |l| self.trunk_share(t, l))
+                .map(Some)
+        })?;
         let recommended_trunks: Vec<Limit> = spec
             .trunks
             .iter()
@@ -431,15 +450,17 @@ impl Planner {
                 })
             })
             .collect();
-        let mut pool_rec = Vec::new();
-        for (a, (_, limit)) in spec.accounts.iter().enumerate() {
-            let rec = if configured.accounts[a].attempts == 0 {
-                None
-            } else {
-                Some(self.recommend(*limit, |l| self.pool_share(a, &recommended_trunks, l))?)
-            };
-            pool_rec.push(rec);
-        }
+        let pool_rec: Vec<Option<Recommendation>> = par_map(spec.accounts.len(), |a| {
+            let attempts = configured.accounts[a].attempts;
+            if attempts == 0 {
+                return Ok(None);
+            }
+            let limit = spec.accounts[a].1;
+            self.recommend(limit, attempts, |l| {
+                self.pool_share(a, &recommended_trunks, l)
+            })
+            .map(Some)
+        })?;
         // Everything at its recommendation.
         let mut all = self.as_configured();
         all.detail = false;
@@ -454,20 +475,17 @@ impl Planner {
             }
         }
         let with_rec = self.replay(&all)?;
-        // Pacing instead of refusing, every trunk.
         // Each trunk paced instead, alone (the others as configured): a paced trunk books
         // slots ahead in the pools it shares, so pacing every trunk at once would answer
         // another question.
-        let mut paced: Vec<Tally> = Vec::new();
-        for t in 0..spec.trunks.len() {
+        let paced: Vec<Tally> = par_map(spec.trunks.len(), |t| {
             if configured.trunks[t].attempts == 0 {
-                paced.push(Tally::default());
-                continue;
+                return Ok(Tally::default());
             }
             let mut sc = self.as_configured();
             sc.pacing[t] = Some(paced_setting(&self.cfg, t, opts.max_delay));
-            paced.push(self.replay(&sc)?.trunks.swap_remove(t));
-        }
+            Ok(self.replay(&sc)?.trunks.swap_remove(t))
+        })?;
 
         let key = |name: &str, limit: Limit, t: &Tally| key_report(name, limit, t, span);
         let mut trunks: Vec<KeyReport> = Vec::new();
@@ -548,6 +566,7 @@ impl Planner {
     fn recommend(
         &self,
         limit: Limit,
+        attempts: u64,
         eval: impl Fn(Limit) -> std::io::Result<f64>,
     ) -> std::io::Result<Recommendation> {
         let target = self.opts.target;
@@ -597,10 +616,14 @@ impl Planner {
                 burst: b,
             })
         };
-        let burst_at_configured_rate = if burst_share(MAX_BURST)? > target {
+        // A burst as large as the attempts admits them all.
+        let cap = u32::try_from(attempts)
+            .unwrap_or(MAX_BURST)
+            .clamp(1, MAX_BURST);
+        let burst_at_configured_rate = if burst_share(cap)? > target {
             None
         } else {
-            let (mut lo, mut hi) = (0u32, MAX_BURST);
+            let (mut lo, mut hi) = (0u32, cap);
             while hi - lo > 1 {
                 let mid = lo + (hi - lo) / 2;
                 if burst_share(mid)? <= target {
@@ -642,6 +665,36 @@ impl Planner {
             })
             .collect()
     }
+}
+
+/// `f` over `0..n` on every core, the results in order.
+fn par_map<T: Send>(
+    n: usize,
+    f: impl Fn(usize) -> std::io::Result<T> + Sync,
+) -> std::io::Result<Vec<T>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |p| p.get())
+        .min(n)
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::with_capacity(n));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let r = f(i);
+                    done.lock().unwrap_or_else(|e| e.into_inner()).push((i, r));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The pacing of trunk `t` in the what-if: its own when it paces, else `max_delay` and the

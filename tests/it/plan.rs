@@ -615,6 +615,14 @@ fn bad_rows_and_packets_are_named() {
         b"10.0,10.1.0.1,,,a\n11.0,10.1.0.1,,,b\n5.0,10.1.0.1,,,c\n",
     );
     assert!(e.contains("line 3") && e.contains("sort the trace"), "{e}");
+    // Nothing to replay: said, with what the trace held instead.
+    let e = err("inbound.csv", b"1.0,192.0.2.49,,,a\n2.0,10.7.0.1,,,b\n");
+    assert!(
+        e.contains("no call attempt")
+            && e.contains("1 INVITEs from carriers")
+            && e.contains("1 from sources the proxy would not meter"),
+        "{e}"
+    );
     // Slightly out of order (two capture points) is put back in order.
     let trace = dir.file("swap.csv", b"10.5,10.1.0.1,,,a\n10.0,10.1.0.1,,,b\n");
     assert!(planner(&dir, CONFIG, &trace, |_| {}).is_ok());
