@@ -175,6 +175,7 @@ impl Routes {
     /// [`Routes::classify`] from the parts of a request: its source, its SIP username (asked
     /// once, only when a trunk matches by username) and whether it carries a header with a
     /// given name and value. The capacity planner classifies trace rows with it.
+    #[inline]
     pub fn classify_with<'a>(
         &self,
         src: SocketAddr,

@@ -340,6 +340,7 @@ impl Chain {
     /// The decision for one call: admit it now (`Ok(None)`), book it a slot ahead when its first
     /// stage paces (`pacing = (max_delay, max_queue)`; `Ok(Some)`, the caller queues it), or
     /// refuse it. A trunk whose queue already holds `max_queue` calls refuses at the trunk stage.
+    #[inline]
     pub fn decide(
         &self,
         now: Instant,

@@ -43,6 +43,7 @@ impl Keys {
         }
     }
 
+    #[inline]
     pub(super) fn hasher(&self) -> SipHasher13 {
         SipHasher13::new_with_keys(self.0, self.1)
     }
@@ -90,6 +91,7 @@ impl Keys {
     }
 
     /// RFC 3261 §17.2.3: the key of a transaction whose top Via has a magic-cookie branch.
+    #[inline]
     pub(super) fn cookie(&self, label: u8, buf: &[u8], via: &Via) -> Option<u64> {
         let b = via
             .branch(buf)
@@ -109,6 +111,7 @@ impl Keys {
     /// the CANCEL and non-2xx ACK that belong to it (RFC 3261 §16.11; Kamailio excludes the
     /// To-tag for INVITE/ACK/CANCEL for the same reason). Reads the fields leniently, so a
     /// request that failed validation gets the same key as its well-formed ACK.
+    #[inline]
     pub fn transaction(&self, label: u8, msg: &Message<'_>, via: &Via) -> u64 {
         let buf = msg.buf();
         if let Some(h) = self.cookie(label, buf, via) {
@@ -149,6 +152,7 @@ pub const DECISION_LABEL: u8 = b'd';
 /// The stages an initial INVITE from `origin` (sent from `ip`) must pass; `None` when it is not
 /// metered: calls from carriers and the PBX, and unknown sources unless they are limited.
 /// `username` is asked only when per-username limits are on.
+#[inline]
 pub fn ask<'a>(
     keys: &Keys,
     routes: &Routes,
