@@ -26,6 +26,12 @@ use trace::{Classifier, Format, TraceStats};
 /// Largest burst a bucket holds (the GCRA packs `burst - 1` into 20 bits).
 const MAX_BURST: u32 = 1 << 20;
 
+/// A stage that refuses nothing a trace holds: a million calls within a millisecond.
+const UNBOUNDED: Limit = Limit {
+    rate: 1e9,
+    burst: MAX_BURST,
+};
+
 /// What to plan.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -246,6 +252,11 @@ pub struct StageReport {
     pub rejected: u64,
     /// `rejected / reached`.
     pub rejected_share: f64,
+    /// The per-key (source, username) or global limit, for those stages.
+    pub limit: Option<(f64, u32)>,
+    /// For those stages: the smallest limit that keeps the stage's refusals under the target
+    /// with every other stage unbounded.
+    pub recommended: Option<Recommendation>,
 }
 
 fn share(part: u64, whole: u64) -> f64 {
@@ -405,6 +416,29 @@ impl Planner {
         Ok(share(s.rejected, s.reached))
     }
 
+    /// Refusal share of the per-source, per-username or global stage at `limit`, every other
+    /// stage unbounded.
+    pub fn stage_share(&self, stage: Stage, limit: Limit) -> std::io::Result<f64> {
+        let mut sc = self.as_configured();
+        sc.scope = Scope::Stage(stage);
+        sc.detail = false;
+        sc.pacing = vec![None; sc.pacing.len()];
+        for (_, l) in sc.spec.trunks.iter_mut().chain(sc.spec.accounts.iter_mut()) {
+            *l = UNBOUNDED;
+        }
+        sc.spec.source = UNBOUNDED;
+        sc.spec.username = sc.spec.username.map(|_| UNBOUNDED);
+        sc.spec.global = sc.spec.global.map(|_| UNBOUNDED);
+        match stage {
+            Stage::Source => sc.spec.source = limit,
+            Stage::Username => sc.spec.username = Some(limit),
+            _ => sc.spec.global = Some(limit),
+        }
+        let o = self.replay(&sc)?;
+        let s = o.stages[stage.index()];
+        Ok(share(s.rejected, s.reached))
+    }
+
     fn scoped(&self, scope: Scope) -> Scenario {
         let mut sc = self.as_configured();
         sc.scope = scope;
@@ -521,15 +555,33 @@ impl Planner {
             .collect();
         let sources = (configured.sources.attempts > 0)
             .then(|| key("(no trunk, per source)", spec.source, &configured.sources));
+        // The per-key and global stages, each searched with the others unbounded.
+        let keyed: Vec<(Stage, Limit)> = [
+            (Stage::Source, Some(spec.source)),
+            (Stage::Username, spec.username),
+            (Stage::Global, spec.global),
+        ]
+        .into_iter()
+        .filter_map(|(s, l)| l.map(|l| (s, l)))
+        .filter(|(s, _)| configured.stages[s.index()].reached > 0)
+        .collect();
+        let keyed_rec = par_map(keyed.len(), |i| {
+            let (stage, limit) = keyed[i];
+            let reached = configured.stages[stage.index()].reached;
+            self.recommend(limit, reached, |l| self.stage_share(stage, l))
+        })?;
         let stages = Stage::ALL
             .iter()
             .map(|s| {
                 let c = configured.stages[s.index()];
+                let searched = keyed.iter().position(|(k, _)| k == s);
                 StageReport {
                     stage: s.as_str(),
                     reached: c.reached,
                     rejected: c.rejected,
                     rejected_share: share(c.rejected, c.reached),
+                    limit: searched.map(|i| (keyed[i].1.rate, keyed[i].1.burst)),
+                    recommended: searched.map(|i| keyed_rec[i].clone()),
                 }
             })
             .filter(|s| s.reached > 0)
@@ -946,13 +998,26 @@ pub fn table(r: &Report) -> String {
         "reached".into(),
         "rejected".into(),
         "share".into(),
+        "limit".into(),
+        format!("needs (≤{})", pct(r.target_share)),
+        "or burst".into(),
     ]];
     rows.extend(r.stages.iter().map(|s| {
+        // Source and username limits hold for each key.
+        let each = if s.stage == "global" { "" } else { " each" };
+        let rec = s.recommended.as_ref();
         vec![
             s.stage.to_owned(),
             s.reached.to_string(),
             s.rejected.to_string(),
             pct(s.rejected_share),
+            s.limit
+                .map_or("-".into(), |(r, b)| format!("{}/{b}{each}", num(r))),
+            rec.map_or("-".into(), |r| format!("{} cps{each}", num(r.rate))),
+            rec.map_or("-".into(), |r| {
+                r.burst_at_configured_rate
+                    .map_or("none".into(), |b| b.to_string())
+            }),
         ]
     }));
     columns(&mut o, &rows);

@@ -177,6 +177,9 @@ pub enum Scope {
     Trunk(usize),
     /// One account's attempts through their trunks and the pool only.
     Account(usize),
+    /// The attempts that pass a per-source, per-username or the global stage, through every
+    /// stage (the caller leaves the others unbounded).
+    Stage(Stage),
 }
 
 /// One what-if: limits, pacing, scope.
@@ -456,6 +459,9 @@ pub fn replay(store: &Store, sc: &Scenario) -> std::io::Result<Outcome> {
                 username: None,
                 ..a.ask
             },
+            (Scope::Stage(Stage::Source), First::Source(_)) => a.ask,
+            (Scope::Stage(Stage::Username), _) if a.ask.username.is_some() => a.ask,
+            (Scope::Stage(Stage::Global), _) => a.ask,
             _ => return,
         };
         while let Some(&std::cmp::Reverse((slot, t))) = waiting.peek() {

@@ -734,3 +734,97 @@ fn the_command_writes_a_table_json_and_a_chart_per_trunk() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Telnyx style: no trunks, every source IP limited on its own, per-username limits, a global
+/// ceiling.
+const PER_SOURCE: &str = r#"
+[[listen]]
+address = "127.0.0.1:5060"
+
+[proxy]
+unknown_sources = "limit"
+default_upstream = "carrier"
+
+[pbx]
+address = "10.0.0.20:5060"
+
+[[upstream]]
+name = "carrier"
+address = "192.0.2.50:5060"
+sources = ["192.0.2.48/28"]
+
+[limits]
+unknown_source = { rate = 10, burst = 5 }
+username = { rate = 8, burst = 4 }
+global = { rate = 40, burst = 10 }
+"#;
+
+#[test]
+fn per_source_per_username_and_global_limits_are_planned_too() {
+    let dir = Scratch::new("stages");
+    // Three dialer IPs; two of them share a SIP username.
+    let mut calls = Vec::new();
+    let mut rng = Lcg(11);
+    for (n, (ip, user, rate)) in [
+        ("10.5.0.1", "blue", 9.0),
+        ("10.5.0.2", "blue", 6.0),
+        ("10.5.0.3", "green", 14.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut t = 0.0f64;
+        let mut i = 0;
+        while t < 120.0 {
+            t += -(1.0 - rng.next()).ln() / rate;
+            i += 1;
+            calls.push(Call {
+                at_ns: T0 + (t * 1e6) as u64 * 1000,
+                src: format!("{ip}:5060").parse().expect("address"),
+                user: user.into(),
+                call_id: format!("s{n}-{i}"),
+            });
+        }
+    }
+    calls.sort_by_key(|c| c.at_ns);
+    let trace = dir.file("t.csv", csv(&calls));
+    let p = planner(&dir, PER_SOURCE, &trace, |_| {}).unwrap();
+    let r = p.report().unwrap();
+    let sources = r.sources.as_ref().expect("traffic on no trunk");
+    assert_eq!(sources.attempts, calls.len() as u64);
+    assert!(r.trunks.is_empty());
+    for (stage, name) in [
+        (cpsgate::limiter::Stage::Source, "source"),
+        (cpsgate::limiter::Stage::Username, "username"),
+        (cpsgate::limiter::Stage::Global, "global"),
+    ] {
+        let s = r.stages.iter().find(|s| s.stage == name).expect(name);
+        let (_, burst) = s.limit.expect("a limit");
+        let rec = s.recommended.as_ref().expect("a recommendation");
+        let at = |rate: f64| p.stage_share(stage, Limit { rate, burst }).unwrap();
+        assert!(at(rec.rate) <= 0.001, "{name} at {}", rec.rate);
+        assert!(at(rec.rate - 1.0) > 0.001, "{name} at {} − 1", rec.rate);
+    }
+    // The busiest source (14 CPS) needs more than the 10 each it has; two sources sharing
+    // "blue" (15 CPS together) need more than the username's 8 (with a burst of 4, random
+    // arrivals need a rate well above their mean).
+    let need = |name: &str| {
+        r.stages
+            .iter()
+            .find(|s| s.stage == name)
+            .and_then(|s| s.recommended.as_ref())
+            .map(|r| r.rate)
+            .unwrap()
+    };
+    assert!(
+        need("source") > 14.0 && need("source") < 100.0,
+        "{}",
+        need("source")
+    );
+    assert!(
+        need("username") > 15.0 && need("username") < 100.0,
+        "{}",
+        need("username")
+    );
+    assert!(need("global") > 29.0, "{}", need("global"));
+}
