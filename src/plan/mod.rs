@@ -26,6 +26,9 @@ use trace::{Classifier, Format, TraceStats};
 /// Largest burst a bucket holds (the GCRA packs `burst - 1` into 20 bits).
 const MAX_BURST: u32 = 1 << 20;
 
+/// The highest rate the searches try (calls a microsecond apart).
+const MAX_RATE: f64 = 1e6;
+
 /// A stage that refuses nothing a trace holds: a million calls within a millisecond.
 const UNBOUNDED: Limit = Limit {
     rate: 1e9,
@@ -113,6 +116,8 @@ pub struct Report {
     pub stages: Vec<StageReport>,
     /// Every attempt replayed with each trunk and pool at its recommended limit.
     pub with_recommendations: Totals,
+    /// What the replay cannot model for this configuration.
+    pub warnings: Vec<String>,
 }
 
 /// The trace's side of the report.
@@ -205,8 +210,10 @@ pub struct Stretch {
 /// replays.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Recommendation {
-    /// The rate (a multiple of the step), at the configured burst.
-    pub rate: f64,
+    /// The rate (a multiple of the step), at the configured burst; `None` when no rate up to a
+    /// million a second meets the target: more calls arrive at one instant than the burst
+    /// holds (see `burst_at_configured_rate`).
+    pub rate: Option<f64>,
     /// The burst it was searched with (the configured one).
     pub burst: u32,
     /// Refusal share at that rate.
@@ -374,6 +381,41 @@ impl Planner {
         spec
     }
 
+    /// What the replay cannot model for this configuration.
+    fn warnings(&self) -> Vec<String> {
+        let Some(c) = &self.cfg.cluster else {
+            return Vec::new();
+        };
+        let local: Vec<&str> = self
+            .cfg
+            .trunks
+            .iter()
+            .filter(|t| !t.shared)
+            .map(|t| t.name.as_str())
+            .chain(
+                self.cfg
+                    .accounts
+                    .iter()
+                    .filter(|a| !a.shared)
+                    .map(|a| a.name.as_str()),
+            )
+            .chain(
+                (self.cfg.proxy.unknown_sources == crate::config::UnknownSources::Limit)
+                    .then_some("unknown_source"),
+            )
+            .chain(self.cfg.limits.username.map(|_| "username"))
+            .chain(self.cfg.limits.global.map(|_| "global"))
+            .collect();
+        if local.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "[cluster] of {} gates: {} are enforced by each gate on its own share of the traffic; the replay applies them to the whole trace as one gate would (replay one gate's traffic for those)",
+            c.instances,
+            local.join(", ")
+        )]
+    }
+
     /// The scenario of the configuration as it is.
     pub fn as_configured(&self) -> Scenario {
         Scenario {
@@ -477,11 +519,9 @@ impl Planner {
             .trunks
             .iter()
             .zip(&trunk_rec)
-            .map(|((_, l), r)| {
-                r.as_ref().map_or(*l, |r| Limit {
-                    rate: r.rate,
-                    burst: l.burst,
-                })
+            .map(|((_, l), r)| Limit {
+                rate: r.as_ref().and_then(|r| r.rate).unwrap_or(l.rate),
+                burst: l.burst,
             })
             .collect();
         let pool_rec: Vec<Option<Recommendation>> = par_map(spec.accounts.len(), |a| {
@@ -504,8 +544,8 @@ impl Planner {
             .zip(&recommended_trunks)
             .for_each(|(t, l)| t.1 = *l);
         for (p, r) in all.spec.accounts.iter_mut().zip(&pool_rec) {
-            if let Some(r) = r {
-                p.1.rate = r.rate;
+            if let Some(rate) = r.as_ref().and_then(|r| r.rate) {
+                p.1.rate = rate;
             }
         }
         let with_rec = self.replay(&all)?;
@@ -603,6 +643,7 @@ impl Planner {
             accounts,
             sources,
             stages,
+            warnings: self.warnings(),
             with_recommendations: Totals {
                 attempts: with_rec.attempts(),
                 rejected: with_rec.rejected(),
@@ -611,6 +652,39 @@ impl Planner {
             },
         };
         Ok((report, configured, paced))
+    }
+
+    /// The smallest burst at `limit`'s rate whose replay meets the target, if one up to the
+    /// number of attempts (which admits them all) or 2^20 does.
+    fn burst_needed(
+        &self,
+        limit: Limit,
+        attempts: u64,
+        eval: &impl Fn(Limit) -> std::io::Result<f64>,
+    ) -> std::io::Result<Option<u32>> {
+        let target = self.opts.target;
+        let share = |burst: u32| {
+            eval(Limit {
+                rate: limit.rate,
+                burst,
+            })
+        };
+        let cap = u32::try_from(attempts)
+            .unwrap_or(MAX_BURST)
+            .clamp(1, MAX_BURST);
+        if share(cap)? > target {
+            return Ok(None);
+        }
+        let (mut lo, mut hi) = (0u32, cap);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if share(mid)? <= target {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Ok(Some(hi))
     }
 
     /// The smallest rate (a multiple of the step, at `limit`'s burst) whose replay meets the
@@ -642,8 +716,18 @@ impl Planner {
         } else {
             (start, start * 2)
         };
-        // A rate of 1e9/s admits anything the burst allows; stop doubling well before.
-        while at(hi)? > target && hi as f64 * step < 1e9 {
+        // A million calls a second spaces calls a microsecond apart: beyond it only the burst
+        // can help (calls at one instant, as in a trace with whole-second timestamps).
+        while at(hi)? > target {
+            if hi as f64 * step >= MAX_RATE {
+                return Ok(Recommendation {
+                    rate: None,
+                    burst: limit.burst,
+                    rejected_share: at(hi)?,
+                    one_step_lower: None,
+                    burst_at_configured_rate: self.burst_needed(limit, attempts, &eval)?,
+                });
+            }
             lo = hi;
             hi *= 2;
         }
@@ -661,33 +745,9 @@ impl Planner {
         } else {
             None
         };
-        // The burst, at the configured rate.
-        let burst_share = |b: u32| {
-            eval(Limit {
-                rate: limit.rate,
-                burst: b,
-            })
-        };
-        // A burst as large as the attempts admits them all.
-        let cap = u32::try_from(attempts)
-            .unwrap_or(MAX_BURST)
-            .clamp(1, MAX_BURST);
-        let burst_at_configured_rate = if burst_share(cap)? > target {
-            None
-        } else {
-            let (mut lo, mut hi) = (0u32, cap);
-            while hi - lo > 1 {
-                let mid = lo + (hi - lo) / 2;
-                if burst_share(mid)? <= target {
-                    hi = mid;
-                } else {
-                    lo = mid;
-                }
-            }
-            Some(hi)
-        };
+        let burst_at_configured_rate = self.burst_needed(limit, attempts, &eval)?;
         Ok(Recommendation {
-            rate: hi as f64 * step,
+            rate: Some(hi as f64 * step),
             burst: limit.burst,
             rejected_share,
             one_step_lower,
@@ -865,6 +925,14 @@ fn num(x: f64) -> String {
     }
 }
 
+/// The recommended rate, or why there is none.
+fn needs(r: &Recommendation, each: &str) -> String {
+    match r.rate {
+        Some(rate) => format!("{} cps{each}", num(rate)),
+        None => format!("none at burst {}", r.burst),
+    }
+}
+
 fn stretch(s: Option<Stretch>) -> String {
     s.map_or("-".into(), |s| {
         format!("{} s at +{} s", s.secs, s.start_secs)
@@ -909,7 +977,7 @@ pub fn table(r: &Report) -> String {
         o,
         "{}: {} attempts over {:.1} s from {}{}",
         t.path,
-        t.stats.attempts,
+        t.stats.attempts - t.auth_resends,
         t.duration_secs,
         t.start,
         if t.speedup == 1.0 {
@@ -927,6 +995,10 @@ pub fn table(r: &Report) -> String {
         ),
         (t.stats.from_carriers, "INVITEs from carriers (not metered)"),
         (
+            t.stats.from_gate,
+            "INVITEs sent from the configuration's listen addresses (a gate's own copies)",
+        ),
+        (
             t.stats.unmetered,
             "INVITEs from the PBX or unknown sources the proxy would not meter",
         ),
@@ -941,6 +1013,15 @@ pub fn table(r: &Report) -> String {
     }
     if !notes.is_empty() {
         let _ = writeln!(o, "  also: {}", notes.join("; "));
+    }
+    if t.stats.spread_whole_seconds {
+        let _ = writeln!(
+            o,
+            "  timestamps are whole seconds: each second's attempts were spread evenly over it"
+        );
+    }
+    for w in &r.warnings {
+        let _ = writeln!(o, "  warning: {w}");
     }
     let _ = writeln!(o);
     let head = |first: &str| {
@@ -970,7 +1051,7 @@ pub fn table(r: &Report) -> String {
             format!("{}→{}", k.offered_peak_cps, k.admitted_peak_cps),
             k.admitted_p95_cps.to_string(),
             stretch(k.longest_rejecting),
-            rec.map_or("-".into(), |r| format!("{} cps", num(r.rate))),
+            rec.map_or("-".into(), |r| needs(r, "")),
             rec.map_or("-".into(), |r| {
                 r.burst_at_configured_rate
                     .map_or("none".into(), |b| b.to_string())
@@ -1013,7 +1094,7 @@ pub fn table(r: &Report) -> String {
             pct(s.rejected_share),
             s.limit
                 .map_or("-".into(), |(r, b)| format!("{}/{b}{each}", num(r))),
-            rec.map_or("-".into(), |r| format!("{} cps{each}", num(r.rate))),
+            rec.map_or("-".into(), |r| needs(r, each)),
             rec.map_or("-".into(), |r| {
                 r.burst_at_configured_rate
                     .map_or("none".into(), |b| b.to_string())

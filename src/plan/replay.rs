@@ -21,6 +21,7 @@ pub struct Store {
     budget: usize,
     spill: Option<Spill>,
     len: u64,
+    last: u64,
     credentials: bool,
 }
 
@@ -46,6 +47,7 @@ impl Store {
             budget,
             spill: None,
             len: 0,
+            last: 0,
             credentials: false,
         }
     }
@@ -65,8 +67,15 @@ impl Store {
         self.spill.is_some()
     }
 
-    /// Add an attempt (in time order).
+    /// Add an attempt; attempts come in time order (`InvalidInput` otherwise).
     pub fn push(&mut self, a: Attempt) -> std::io::Result<()> {
+        if a.at < self.last {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "attempts out of time order",
+            ));
+        }
+        self.last = a.at;
         self.len += 1;
         self.credentials |= a.credentials;
         if self.spill.is_none() && self.mem.len() < self.budget {
@@ -299,7 +308,9 @@ impl Seconds {
 
     /// Count `what` (0 offered, 1 admitted, 2 refused) in second `sec` (≥ every closed one).
     fn add(&mut self, sec: u64, what: usize) {
-        let i = (sec - self.base) as usize;
+        // Attempts come in time order and admissions never precede them: nothing lands in a
+        // closed second.
+        let i = sec.saturating_sub(self.base) as usize;
         if self.open.len() <= i {
             self.open.resize(i + 1, [0; 3]);
         }
@@ -309,9 +320,50 @@ impl Seconds {
     /// Close every second before `sec`.
     fn advance(&mut self, sec: u64) {
         while self.base < sec {
-            let c = self.open.pop_front().unwrap_or([0; 3]);
+            let Some(c) = self.open.pop_front() else {
+                // Nothing open: the quiet seconds up to `sec` at once.
+                self.quiet(sec - self.base);
+                self.base = sec;
+                return;
+            };
             self.close(self.base, c);
             self.base += 1;
+        }
+    }
+
+    /// Close `n` seconds without calls: they end a rejecting run and fill the chart with zeros,
+    /// a bin at a time.
+    fn quiet(&mut self, mut n: u64) {
+        if n > 0 {
+            self.run = None;
+        }
+        while n > 0 {
+            if self.bin_fill == 0 {
+                self.series.push([0, 0]);
+            }
+            let take = n.min(self.bin - self.bin_fill);
+            self.bin_fill += take;
+            n -= take;
+            self.end_bin();
+        }
+    }
+
+    fn end_bin(&mut self) {
+        if self.bin_fill == self.bin {
+            self.bin_fill = 0;
+            if self.series.len() == MAX_BINS {
+                self.series = self
+                    .series
+                    .chunks(2)
+                    .map(|p| {
+                        [
+                            p.iter().map(|b| b[0]).max().unwrap_or(0),
+                            p.iter().map(|b| b[1]).max().unwrap_or(0),
+                        ]
+                    })
+                    .collect();
+                self.bin *= 2;
+            }
         }
     }
 
@@ -347,22 +399,7 @@ impl Seconds {
         last[0] = last[0].max(offered);
         last[1] = last[1].max(admitted);
         self.bin_fill += 1;
-        if self.bin_fill == self.bin {
-            self.bin_fill = 0;
-            if self.series.len() == MAX_BINS {
-                self.series = self
-                    .series
-                    .chunks(2)
-                    .map(|p| {
-                        [
-                            p.iter().map(|b| b[0]).max().unwrap_or(0),
-                            p.iter().map(|b| b[1]).max().unwrap_or(0),
-                        ]
-                    })
-                    .collect();
-                self.bin *= 2;
-            }
-        }
+        self.end_bin();
     }
 
     /// The nearest-rank `q` quantile of per-second counts over `span` seconds (seconds absent
@@ -642,5 +679,16 @@ mod tests {
         assert_eq!(long.series[1250], [2, 0]);
         assert_eq!(long.series[1251], [1, 0]);
         assert_eq!(long.offered_peak, (2, 5000));
+        // A quiet stretch of a year closes at once, and ends a rejecting run.
+        let mut gap = Seconds::new();
+        gap.add(0, 2);
+        gap.advance(1);
+        gap.advance(365 * 86_400);
+        gap.add(365 * 86_400, 2);
+        gap.advance(365 * 86_400 + 1);
+        assert_eq!(gap.longest_rejecting, Some((0, 1)));
+        assert_eq!(gap.rejecting_seconds, 2);
+        assert!(gap.series.len() <= MAX_BINS && gap.bin >= 365 * 86_400 / MAX_BINS as u64);
+        assert_eq!(gap.series.last(), Some(&[0, 0]));
     }
 }

@@ -22,6 +22,9 @@ pub const RETRANSMISSION_WINDOW_NS: u64 = 32_000_000_000;
 /// written by several workers); the reader puts them back in order.
 pub const REORDER_WINDOW_NS: u64 = 2_000_000_000;
 
+/// A row this far after the one before is a wrong timestamp, not a quiet spell.
+pub const MAX_GAP_NS: u64 = 7 * 86_400 * 1_000_000_000;
+
 /// The SIP port assumed for a CSV source given without one.
 pub const DEFAULT_PORT: u16 = 5060;
 
@@ -110,6 +113,9 @@ pub struct TraceStats {
     pub retransmissions: u64,
     /// Initial INVITEs from carriers (inbound calls): never metered.
     pub from_carriers: u64,
+    /// INVITEs sent from one of the configuration's listen addresses: the gate's own forwarded
+    /// copies, in a capture taken on a gate.
+    pub from_gate: u64,
     /// Initial INVITEs from the PBX on no trunk, or from unknown sources, that the proxy would
     /// not meter (`unknown_sources` is "reject" or "forward").
     pub unmetered: u64,
@@ -122,6 +128,9 @@ pub struct TraceStats {
     pub unparsable_examples: Vec<u64>,
     /// SIP messages other than initial INVITEs (responses, ACK, BYE, re-INVITEs...).
     pub other_sip: u64,
+    /// True when every timestamp was a whole second (a CDR export): each second's attempts
+    /// were spread evenly over it, or a second's worth would arrive at one instant.
+    pub spread_whole_seconds: bool,
     /// Nanoseconds since the Unix epoch of the first attempt.
     pub start_unix_ns: u64,
     /// Nanoseconds from the first attempt to the last (after `--speedup`).
@@ -141,6 +150,14 @@ pub struct Classifier {
     pending: VecDeque<(u64, Attempt)>,
     latest: u64,
     start: Option<u64>,
+    /// The listen addresses: what comes from them is the gate's own.
+    own: Vec<SocketAddr>,
+    /// A timestamp with a fraction of a second was seen.
+    fractional: bool,
+    /// Decided at the first attempt out: spread each whole second's attempts over it.
+    spread: Option<bool>,
+    /// The time of the last attempt out (they never go back in time).
+    last_out: u64,
     /// What was seen.
     pub stats: TraceStats,
 }
@@ -167,6 +184,15 @@ impl Classifier {
             pending: VecDeque::new(),
             latest: 0,
             start: None,
+            own: cfg
+                .listeners
+                .iter()
+                .map(|l| l.address)
+                .filter(|a| !a.ip().is_unspecified())
+                .collect(),
+            fractional: false,
+            spread: None,
+            last_out: 0,
             stats: TraceStats::default(),
         }
     }
@@ -185,12 +211,25 @@ impl Classifier {
         true
     }
 
-    /// Queue an attempt at `unix_ns`; `Err` with the lag when it is further out of order than the
-    /// reorder window allows.
-    fn push(&mut self, unix_ns: u64, a: Attempt) -> Result<(), u64> {
+    /// Queue an attempt at `unix_ns`; `Err` says why not: further out of order than the reorder
+    /// window allows, or too far after the row before.
+    fn push(&mut self, unix_ns: u64, a: Attempt) -> Result<(), String> {
         if unix_ns.saturating_add(REORDER_WINDOW_NS) < self.latest {
-            return Err(self.latest - unix_ns);
+            return Err(format!(
+                "{:.3} s earlier than a row before it (more than the {} s the reader reorders); sort the trace by time",
+                (self.latest - unix_ns) as f64 / 1e9,
+                REORDER_WINDOW_NS / 1_000_000_000
+            ));
         }
+        if self.latest > 0 && unix_ns > self.latest.saturating_add(MAX_GAP_NS) {
+            return Err(format!(
+                "{} is {:.1} days after the row before it ({}): a wrong timestamp?",
+                format_timestamp(unix_ns),
+                (unix_ns - self.latest) as f64 / 86_400e9,
+                format_timestamp(self.latest)
+            ));
+        }
+        self.fractional |= !unix_ns.is_multiple_of(1_000_000_000);
         self.latest = self.latest.max(unix_ns);
         // Rows in order go to the back; a late one after every row not later than it.
         if self.pending.back().is_none_or(|b| b.0 <= unix_ns) {
@@ -204,19 +243,38 @@ impl Classifier {
 
     /// Attempts whose place in time is settled (all of them with `all`), in time order.
     pub fn drain(&mut self, all: bool, mut out: impl FnMut(Attempt)) {
-        while let Some(&(t, a)) = self.pending.front() {
+        while let Some(&(t, _)) = self.pending.front() {
             if !all && t.saturating_add(REORDER_WINDOW_NS) > self.latest {
                 break;
             }
-            self.pending.pop_front();
-            let start = *self.start.get_or_insert(t);
-            if self.stats.attempts == 0 {
-                self.stats.start_unix_ns = t;
+            let spread = *self.spread.get_or_insert(!self.fractional);
+            self.stats.spread_whole_seconds = spread;
+            // Whole-second timestamps: the second's attempts (all here: the window is past it)
+            // are spread evenly over it.
+            let n = if spread {
+                self.pending.iter().take_while(|p| p.0 == t).count() as u64
+            } else {
+                1
+            };
+            for i in 0..n {
+                let Some((t, a)) = self.pending.pop_front() else {
+                    break;
+                };
+                let t = if spread {
+                    t + (2 * i + 1) * 1_000_000_000 / (2 * n)
+                } else {
+                    t
+                };
+                let start = *self.start.get_or_insert(t);
+                if self.stats.attempts == 0 {
+                    self.stats.start_unix_ns = t;
+                }
+                let at = (((t - start) as f64 / self.speedup) as u64).max(self.last_out);
+                self.last_out = at;
+                self.stats.span_ns = at;
+                self.stats.attempts += 1;
+                out(Attempt { at, ..a });
             }
-            let at = ((t - start) as f64 / self.speedup) as u64;
-            self.stats.span_ns = at;
-            self.stats.attempts += 1;
-            out(Attempt { at, ..a });
         }
     }
 
@@ -271,40 +329,69 @@ impl Classifier {
             return Ok(());
         }
         self.metered(unix_ns, origin, src.ip(), user, key, 0, false)
-            .map_err(|lag| bad(out_of_order(lag)))
+            .map_err(bad)
     }
 
-    /// One captured packet: `data` from the link layer on, `linktype` as the capture says.
+    /// One captured packet: `data` from the link layer on, `linktype` as the capture says,
+    /// `truncated` when the capture kept less than the whole frame.
     pub fn packet(
         &mut self,
         number: u64,
         unix_ns: u64,
         linktype: i32,
         data: &[u8],
+        truncated: bool,
     ) -> Result<(), TraceError> {
         self.stats.records += 1;
         let bad = |message: String| TraceError::Packet {
             packet: number,
             message,
         };
-        let Some((src, payload)) = udp_payload(linktype, data).map_err(|m| bad(m.into()))? else {
-            self.stats.skipped_packets += 1;
-            return Ok(());
-        };
-        let unparsable = |s: &mut Self| {
+        let unparsable = |s: &mut Self, why: &str| {
             s.stats.unparsable += 1;
             if s.stats.unparsable_examples.len() < 10 {
                 s.stats.unparsable_examples.push(number);
             }
-            tracing::debug!(packet = number, "not a SIP message the proxy would take");
+            tracing::debug!(
+                packet = number,
+                why,
+                "not a SIP message the proxy would take"
+            );
         };
+        let (src, payload) = match udp_payload(linktype, data) {
+            Ok(Frame::Udp(src, payload)) => (src, payload),
+            Ok(Frame::Other) => {
+                self.stats.skipped_packets += 1;
+                return Ok(());
+            }
+            // A datagram over the MTU: the first fragment holds the start of the message, but
+            // not all of it.
+            Ok(Frame::Fragment) => {
+                unparsable(self, "fragmented datagram (not reassembled)");
+                return Ok(());
+            }
+            Err(why) if truncated => {
+                return Err(bad(format!(
+                    "{why}: the capture kept only {} bytes of it (capture with a full snap length, e.g. tcpdump -s 0)",
+                    data.len()
+                )));
+            }
+            Err(why) => {
+                unparsable(self, why);
+                return Ok(());
+            }
+        };
+        if self.own.contains(&src) {
+            self.stats.from_gate += 1;
+            return Ok(());
+        }
         // Keep-alives (CRLF) and other non-SIP UDP on the same ports.
         if payload.iter().all(|b| b.is_ascii_whitespace()) || !payload.contains(&b'\n') {
             self.stats.skipped_packets += 1;
             return Ok(());
         }
         let Ok(msg) = Message::scan(payload) else {
-            unparsable(self);
+            unparsable(self, "the scanner refuses it");
             return Ok(());
         };
         if msg.is_response() || msg.method() != Some(b"INVITE") {
@@ -314,7 +401,7 @@ impl Classifier {
         let req = match RequestView::parse(&msg) {
             Ok(r) if msg.defect().is_none() => r,
             _ => {
-                unparsable(self);
+                unparsable(self, "an INVITE the proxy would answer 400");
                 return Ok(());
             }
         };
@@ -333,7 +420,7 @@ impl Classifier {
         let credentials = msg.first(HeaderName::Authorization).is_some()
             || msg.first(HeaderName::ProxyAuthorization).is_some();
         self.metered(unix_ns, origin, src.ip(), user, attempt, cseq, credentials)
-            .map_err(|lag| bad(out_of_order(lag)))
+            .map_err(bad)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -346,7 +433,7 @@ impl Classifier {
         attempt: u64,
         cseq: u32,
         credentials: bool,
-    ) -> Result<(), u64> {
+    ) -> Result<(), String> {
         let ask = admission::ask(
             &self.keys,
             &self.routes,
@@ -379,14 +466,6 @@ impl Classifier {
     }
 }
 
-fn out_of_order(lag: u64) -> String {
-    format!(
-        "{:.3} s earlier than a row before it (more than the {} s the reader reorders); sort the trace by time",
-        lag as f64 / 1e9,
-        REORDER_WINDOW_NS / 1_000_000_000
-    )
-}
-
 fn trim(b: &[u8]) -> &[u8] {
     b.trim_ascii()
 }
@@ -408,7 +487,8 @@ pub fn parse_timestamp(b: &[u8]) -> Option<u64> {
     let s = std::str::from_utf8(b).ok()?;
     if s.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
         let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-        if whole.is_empty() || frac.len() > 9 {
+        let digits = |p: &str| p.bytes().all(|c| c.is_ascii_digit());
+        if whole.is_empty() || frac.len() > 9 || !digits(whole) || !digits(frac) {
             return None;
         }
         let secs: u64 = whole.parse().ok()?;
@@ -510,13 +590,20 @@ pub fn format_timestamp(unix_ns: u64) -> String {
     )
 }
 
-/// The UDP payload of a captured frame and its source, `Ok(None)` for frames that are not UDP
-/// over IP (or are later fragments), `Err` for frames whose headers are cut short or
-/// inconsistent.
-pub fn udp_payload(
-    linktype: i32,
-    data: &[u8],
-) -> Result<Option<(SocketAddr, &[u8])>, &'static str> {
+/// What a captured frame holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A whole UDP datagram: its source and payload.
+    Udp(SocketAddr, &'a [u8]),
+    /// A fragment of a larger IP datagram.
+    Fragment,
+    /// Anything else: another protocol, another link type.
+    Other,
+}
+
+/// The UDP datagram of a captured frame; `Err` for a frame whose headers are cut short or
+/// inconsistent (the caller knows whether the capture cut it).
+pub fn udp_payload(linktype: i32, data: &[u8]) -> Result<Frame<'_>, &'static str> {
     const SHORT: &str = "frame cut short before the end of its headers";
     // (ethertype, offset of the network header)
     let (ethertype, mut off) = match linktype {
@@ -545,7 +632,7 @@ pub fn udp_payload(
             let et = match (le.min(be), le.max(be)) {
                 (2, _) => 0x0800,
                 (24 | 28 | 30, _) => 0x86dd,
-                _ => return Ok(None),
+                _ => return Ok(Frame::Other),
             };
             (et, 4)
         }
@@ -553,7 +640,7 @@ pub fn udp_payload(
         101 | 228 | 229 => match data.first().map(|b| b >> 4) {
             Some(4) => (0x0800, 0),
             Some(6) => (0x86dd, 0),
-            Some(_) => return Ok(None),
+            Some(_) => return Ok(Frame::Other),
             None => return Err(SHORT),
         },
         // Linux cooked capture v1 and v2.
@@ -565,7 +652,7 @@ pub fn udp_payload(
             u16::from_be_bytes([*data.first().ok_or(SHORT)?, *data.get(1).ok_or(SHORT)?]),
             20,
         ),
-        _ => return Ok(None),
+        _ => return Ok(Frame::Other),
     };
     let (src_ip, proto, l4) = match ethertype {
         0x0800 => {
@@ -579,9 +666,9 @@ pub fn udp_payload(
                 return Err("IPv4 header length or total length is wrong");
             }
             let frag = u16::from_be_bytes([ip[6], ip[7]]);
-            if frag & 0x1fff != 0 {
-                // A later fragment: the first one holds the start of the message.
-                return Ok(None);
+            if frag & 0x3fff != 0 {
+                // An offset, or more fragments to come.
+                return Ok(Frame::Fragment);
             }
             let src = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
             let end = (off + total).min(data.len());
@@ -606,12 +693,7 @@ pub fn udp_payload(
                 hops += 1;
             }
             if next == 44 {
-                let h = data.get(off..off + 8).ok_or(SHORT)?;
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    return Ok(None);
-                }
-                next = h[0];
-                off += 8;
+                return Ok(Frame::Fragment);
             }
             (
                 IpAddr::V6(Ipv6Addr::from(src)),
@@ -619,10 +701,10 @@ pub fn udp_payload(
                 data.get(off..end.max(off)).ok_or(SHORT)?,
             )
         }
-        _ => return Ok(None),
+        _ => return Ok(Frame::Other),
     };
     if proto != 17 {
-        return Ok(None);
+        return Ok(Frame::Other);
     }
     let udp = l4.get(..8).ok_or(SHORT)?;
     let sport = u16::from_be_bytes([udp[0], udp[1]]);
@@ -631,12 +713,9 @@ pub fn udp_payload(
         return Err("UDP length below 8");
     }
     if len > l4.len() {
-        // Either the capture's snap length cut it, or it is the first of several fragments.
-        return Err(
-            "UDP datagram longer than what was captured (capture with a full snap length, e.g. tcpdump -s 0)",
-        );
+        return Err("UDP datagram longer than its IP packet");
     }
-    Ok(Some((SocketAddr::new(src_ip, sport), &l4[8..len])))
+    Ok(Frame::Udp(SocketAddr::new(src_ip, sport), &l4[8..len]))
 }
 
 /// Read a CSV trace: every row through `classifier`, every settled attempt to `out`.
@@ -671,6 +750,15 @@ pub fn read_csv(
             }
         }
         let line = rec.position().map_or(0, |p| p.line());
+        // A byte-order mark (spreadsheet exports) before the first field.
+        if first && let Some(f) = rec.get(0).and_then(|f| f.strip_prefix(b"\xef\xbb\xbf")) {
+            let mut clean = csv::ByteRecord::new();
+            clean.push_field(f);
+            for f in rec.iter().skip(1) {
+                clean.push_field(f);
+            }
+            rec = clean;
+        }
         // A header row names the columns.
         if first
             && rec
@@ -730,18 +818,30 @@ pub fn read_pcap(
                         };
                         let ns = u64::from(b.ts_sec) * 1_000_000_000 + frac;
                         let len = (b.caplen as usize).min(b.data.len());
-                        Some((ns, legacy.0, &b.data[..len]))
+                        Some((ns, legacy.0, &b.data[..len], b.caplen < b.origlen))
                     }
                     PcapBlockOwned::NG(Block::SectionHeader(_)) => {
                         interfaces.clear();
                         None
                     }
                     PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
-                        interfaces.push((
-                            idb.linktype.0,
-                            idb.ts_resolution().unwrap_or(1_000_000),
-                            idb.ts_offset(),
-                        ));
+                        // if_tsresol: 10^-n seconds, or 2^-n with the top bit set.
+                        let r = idb.if_tsresol;
+                        let res = if r & 0x80 == 0 {
+                            10u64.checked_pow(u32::from(r))
+                        } else {
+                            1u64.checked_shl(u32::from(r & 0x7f))
+                        };
+                        let Some(res) = res.filter(|&r| r > 0) else {
+                            return Err(TraceError::Packet {
+                                packet: number + 1,
+                                message: format!(
+                                    "interface {} has an invalid timestamp resolution (if_tsresol {r:#x})",
+                                    interfaces.len()
+                                ),
+                            });
+                        };
+                        interfaces.push((idb.linktype.0, res, idb.ts_offset()));
                         None
                     }
                     PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
@@ -755,11 +855,21 @@ pub fn read_pcap(
                             });
                         };
                         let ts = (u64::from(epb.ts_high) << 32) | u64::from(epb.ts_low);
-                        let secs = (ts / res) as i64 + off;
                         let frac = (u128::from(ts % res) * 1_000_000_000 / u128::from(res)) as u64;
-                        let ns = u64::try_from(secs).unwrap_or(0) * 1_000_000_000 + frac;
+                        let ns = i64::try_from(ts / res)
+                            .ok()
+                            .and_then(|s| s.checked_add(off))
+                            .and_then(|s| u64::try_from(s).ok())
+                            .and_then(|s| s.checked_mul(1_000_000_000))
+                            .and_then(|s| s.checked_add(frac));
+                        let Some(ns) = ns else {
+                            return Err(TraceError::Packet {
+                                packet: number + 1,
+                                message: "timestamp before 1970 or past 2554".into(),
+                            });
+                        };
                         let len = (epb.caplen as usize).min(epb.data.len());
-                        Some((ns, lt, &epb.data[..len]))
+                        Some((ns, lt, &epb.data[..len], epb.caplen < epb.origlen))
                     }
                     PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
                         // No timestamp: it cannot be placed in time.
@@ -771,9 +881,9 @@ pub fn read_pcap(
                     }
                     PcapBlockOwned::NG(_) => None,
                 };
-                if let Some((ns, lt, data)) = packet {
+                if let Some((ns, lt, data, truncated)) = packet {
                     number += 1;
-                    classifier.packet(number, ns, lt, data)?;
+                    classifier.packet(number, ns, lt, data, truncated)?;
                     classifier.drain(false, &mut out);
                 }
                 reader.consume(offset);
@@ -836,6 +946,8 @@ mod tests {
             Some(951_782_400_000_000_000)
         );
         for bad in [
+            &b"1764576000.1.5"[..],
+            b"1764576000..",
             &b""[..],
             b".5",
             b"1.0000000001",
@@ -915,25 +1027,28 @@ mod tests {
     #[test]
     fn udp_payloads_from_ethernet_frames() {
         let f = ipv4_udp([10, 1, 0, 5], 5062, b"hello");
-        let (src, p) = udp_payload(1, &f).unwrap().unwrap();
-        assert_eq!(src, "10.1.0.5:5062".parse().unwrap());
-        assert_eq!(p, b"hello");
+        let src = "10.1.0.5:5062".parse().unwrap();
+        assert_eq!(udp_payload(1, &f), Ok(Frame::Udp(src, b"hello")));
         // Raw IP: the same without the Ethernet header.
-        assert_eq!(udp_payload(101, &f[14..]).unwrap().unwrap().1, b"hello");
+        assert_eq!(udp_payload(101, &f[14..]), Ok(Frame::Udp(src, b"hello")));
         // Cut short by the snap length: an error, not a silent skip.
         assert!(udp_payload(1, &f[..f.len() - 2]).is_err());
         assert!(udp_payload(1, &f[..20]).is_err());
         // TCP, ARP and later fragments are skipped.
         let mut tcp = f.clone();
         tcp[14 + 9] = 6;
-        assert_eq!(udp_payload(1, &tcp).unwrap(), None);
+        assert_eq!(udp_payload(1, &tcp), Ok(Frame::Other));
         let mut arp = f.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(udp_payload(1, &arp).unwrap(), None);
+        assert_eq!(udp_payload(1, &arp), Ok(Frame::Other));
+        // Fragments: a later one, and the first of several (more-fragments flag).
         let mut frag = f.clone();
         frag[14 + 7] = 0x10;
-        assert_eq!(udp_payload(1, &frag).unwrap(), None);
+        assert_eq!(udp_payload(1, &frag), Ok(Frame::Fragment));
+        let mut first = f.clone();
+        first[14 + 6] = 0x20;
+        assert_eq!(udp_payload(1, &first), Ok(Frame::Fragment));
         // An unknown link type is skipped.
-        assert_eq!(udp_payload(147, &f).unwrap(), None);
+        assert_eq!(udp_payload(147, &f), Ok(Frame::Other));
     }
 }

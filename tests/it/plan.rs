@@ -327,7 +327,7 @@ fn a_burst_over_a_trunk_refuses_the_excess_over_rate_times_time_plus_burst() {
     );
     // No refusal at all needs 30 CPS at burst 10 (20·t + 10 < 301 for 29), or burst 101 at 20 CPS.
     let rec = east.recommended.as_ref().expect("a recommendation");
-    assert_eq!(rec.rate, 30.0);
+    assert_eq!(rec.rate, Some(30.0));
     assert_eq!(rec.rejected_share, 0.0);
     assert_eq!(rec.one_step_lower.map(|(r, _)| r), Some(29.0));
     assert!(rec.one_step_lower.is_some_and(|(_, s)| s > 0.001));
@@ -469,7 +469,8 @@ fn recommended_rates_meet_the_target_and_one_step_lower_does_not() {
         let mut trunk_limits = Vec::new();
         for (t, k) in r.trunks.iter().enumerate() {
             let rec = k.recommended.as_ref().expect("every trunk has traffic");
-            assert_eq!(rec.rate % step, 0.0);
+            let rate = rec.rate.expect("a rate meets the target");
+            assert_eq!(rate % step, 0.0);
             let at = |rate: f64| {
                 p.trunk_share(
                     t,
@@ -480,21 +481,10 @@ fn recommended_rates_meet_the_target_and_one_step_lower_does_not() {
                 )
                 .unwrap()
             };
-            assert!(
-                at(rec.rate) <= target,
-                "{} at {}: {}",
-                k.name,
-                rec.rate,
-                at(rec.rate)
-            );
-            if rec.rate > step {
-                assert!(
-                    at(rec.rate - step) > target,
-                    "{} at {} − {step}",
-                    k.name,
-                    rec.rate
-                );
-                assert_eq!(rec.one_step_lower.map(|(r, _)| r), Some(rec.rate - step));
+            assert!(at(rate) <= target, "{} at {rate}: {}", k.name, at(rate));
+            if rate > step {
+                assert!(at(rate - step) > target, "{} at {rate} − {step}", k.name);
+                assert_eq!(rec.one_step_lower.map(|(r, _)| r), Some(rate - step));
             }
             if let Some(b) = rec.burst_at_configured_rate {
                 let at_burst = |burst: u32| {
@@ -514,7 +504,7 @@ fn recommended_rates_meet_the_target_and_one_step_lower_does_not() {
                 );
             }
             trunk_limits.push(Limit {
-                rate: rec.rate,
+                rate,
                 burst: k.burst,
             });
         }
@@ -532,9 +522,10 @@ fn recommended_rates_meet_the_target_and_one_step_lower_does_not() {
             )
             .unwrap()
         };
-        assert!(at(rec.rate) <= target);
-        if rec.rate > step {
-            assert!(at(rec.rate - step) > target);
+        let rate = rec.rate.expect("a rate meets the target");
+        assert!(at(rate) <= target);
+        if rate > step {
+            assert!(at(rate - step) > target);
         }
         // Everything at its recommendation refuses little more than the target overall.
         assert!(
@@ -802,8 +793,9 @@ fn per_source_per_username_and_global_limits_are_planned_too() {
         let (_, burst) = s.limit.expect("a limit");
         let rec = s.recommended.as_ref().expect("a recommendation");
         let at = |rate: f64| p.stage_share(stage, Limit { rate, burst }).unwrap();
-        assert!(at(rec.rate) <= 0.001, "{name} at {}", rec.rate);
-        assert!(at(rec.rate - 1.0) > 0.001, "{name} at {} − 1", rec.rate);
+        let rate = rec.rate.expect("a rate meets the target");
+        assert!(at(rate) <= 0.001, "{name} at {rate}");
+        assert!(at(rate - 1.0) > 0.001, "{name} at {rate} − 1");
     }
     // The busiest source (14 CPS) needs more than the 10 each it has; two sources sharing
     // "blue" (15 CPS together) need more than the username's 8 (with a burst of 4, random
@@ -813,7 +805,7 @@ fn per_source_per_username_and_global_limits_are_planned_too() {
             .iter()
             .find(|s| s.stage == name)
             .and_then(|s| s.recommended.as_ref())
-            .map(|r| r.rate)
+            .and_then(|r| r.rate)
             .unwrap()
     };
     assert!(
@@ -827,4 +819,125 @@ fn per_source_per_username_and_global_limits_are_planned_too() {
         need("username")
     );
     assert!(need("global") > 29.0, "{}", need("global"));
+}
+
+#[test]
+fn whole_second_timestamps_are_spread_over_their_second() {
+    let dir = Scratch::new("whole");
+    // A CDR export: 25 calls stamped with each second for 10 s, into east (20 CPS, burst 10).
+    // At one instant 15 of each second's 25 would be refused; spread over the second, the
+    // bucket sees 25 CPS and refuses only what exceeds rate·t + burst.
+    let mut text = String::new();
+    for sec in 0..10 {
+        for i in 0..25 {
+            text += &format!("{},10.1.0.5,,,w{sec}-{i}\n", 1_764_576_000 + sec);
+        }
+    }
+    let trace = dir.file("whole.csv", text);
+    let p = planner(&dir, CONFIG, &trace, |_| {}).unwrap();
+    let mut first_second = Vec::new();
+    p.store()
+        .for_each(|a| {
+            if a.at < 1_000_000_000 {
+                first_second.push(a.at);
+            }
+        })
+        .unwrap();
+    let even: Vec<u64> = (0..25).map(|i| (2 * i + 1) * 1_000_000_000 / 50).collect();
+    // Times count from the first attempt, itself moved to 20 ms into its second.
+    assert_eq!(
+        first_second,
+        even.iter().map(|t| t - 20_000_000).collect::<Vec<_>>()
+    );
+    let r = p.report().unwrap();
+    assert!(r.trace.stats.spread_whole_seconds);
+    let east = &r.trunks[0];
+    // 250 calls over 9.96 s: 20·9.96 + 10 = 209 at most pass.
+    assert!(east.rejected >= 41 && east.rejected <= 45, "{east:?}");
+}
+
+#[test]
+fn calls_at_one_instant_beyond_the_burst_have_no_rate_only_a_burst() {
+    let dir = Scratch::new("instant");
+    // Eight calls at the same microsecond into west (burst 5): no rate spaces them.
+    let text: String = (0..8)
+        .map(|i| format!("1764576000.250000,10.2.0.5,,,i{i}\n"))
+        .collect();
+    let trace = dir.file("instant.csv", text);
+    let r = report(&dir, &trace, |_| {});
+    let rec = r.trunks[1].recommended.as_ref().expect("searched");
+    assert_eq!(rec.rate, None);
+    assert_eq!(rec.burst_at_configured_rate, Some(8));
+    assert!((rec.rejected_share - 3.0 / 8.0).abs() < 1e-9);
+    assert!(report_table(&r).contains("none at burst 5"));
+}
+
+fn report_table(r: &Report) -> String {
+    cpsgate::plan::table(r)
+}
+
+#[test]
+fn a_capture_taken_on_a_gate_counts_only_what_reached_it() {
+    let dir = Scratch::new("ongate");
+    // Both legs: the PBX's INVITE to the gate, and the gate's copy (a new branch) sent from its
+    // listen address, 127.0.0.1:5060 in CONFIG.
+    let gate: SocketAddr = "127.0.0.1:5060".parse().expect("address");
+    let mut packets = Vec::new();
+    for (i, c) in even("10.1.0.5:5060", 10, 2).iter().enumerate() {
+        packets.push((c.at_ns, frame(c.src, &invite(c, &format!("p{i}"), 1, ""))));
+        let copy = Call {
+            src: gate,
+            ..c.clone()
+        };
+        packets.push((
+            c.at_ns + 100_000,
+            frame(gate, &invite(&copy, &format!("g{i}"), 1, "")),
+        ));
+    }
+    let trace = dir.file("both.pcap", pcap(&packets));
+    let r = report(&dir, &trace, |_| {});
+    assert_eq!(r.trace.stats.attempts, 21);
+    assert_eq!(r.trace.stats.from_gate, 21);
+    assert_eq!(r.trunks[0].attempts, 21);
+}
+
+#[test]
+fn odd_but_readable_traces() {
+    let dir = Scratch::new("odd");
+    // A spreadsheet's byte-order mark before the header.
+    let trace = dir.file(
+        "bom.csv",
+        b"\xef\xbb\xbftimestamp,source_ip,sip_username,trunk,call_id\n1.5,10.1.0.1,,,a\n",
+    );
+    assert_eq!(report(&dir, &trace, |_| {}).trunks[0].attempts, 1);
+    // The first fragment of an INVITE larger than the MTU: counted as not taken, not fatal.
+    let c = Call {
+        at_ns: T0,
+        src: "10.1.0.5:5060".parse().expect("address"),
+        user: String::new(),
+        call_id: "big".into(),
+    };
+    let mut first_fragment = frame(c.src, &invite(&c, "f1", 1, ""));
+    first_fragment[14 + 6] = 0x20;
+    let ok = Call {
+        call_id: "ok".into(),
+        ..c.clone()
+    };
+    let cap = pcap(&[
+        (T0, first_fragment),
+        (T0 + 1_000, frame(ok.src, &invite(&ok, "f2", 1, ""))),
+    ]);
+    let trace = dir.file("frag.pcap", cap);
+    let r = report(&dir, &trace, |_| {});
+    assert_eq!((r.trace.stats.unparsable, r.trace.stats.attempts), (1, 1));
+    // A wrong timestamp far ahead is named, not replayed as weeks of silence.
+    let trace = dir.file(
+        "jump.csv",
+        b"1764576000,10.1.0.1,,,a\n1864576000,10.1.0.1,,,b\n",
+    );
+    let e = planner(&dir, CONFIG, &trace, |_| {})
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("line 2") && e.contains("days after"), "{e}");
 }
