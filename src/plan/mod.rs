@@ -114,7 +114,8 @@ pub struct Report {
     pub sources: Option<KeyReport>,
     /// Per stage of the chain, as configured.
     pub stages: Vec<StageReport>,
-    /// Every attempt replayed with each trunk and pool at its recommended limit.
+    /// Every attempt replayed with each limit (trunk, pool, per source, per username, global) at
+    /// its recommended rate.
     pub with_recommendations: Totals,
     /// What the replay cannot model for this configuration.
     pub warnings: Vec<String>,
@@ -461,16 +462,13 @@ impl Planner {
     /// Refusal share of the per-source, per-username or global stage at `limit`, every other
     /// stage unbounded.
     pub fn stage_share(&self, stage: Stage, limit: Limit) -> std::io::Result<f64> {
-        let mut sc = self.as_configured();
-        sc.scope = Scope::Stage(stage);
-        sc.detail = false;
-        sc.pacing = vec![None; sc.pacing.len()];
+        let mut sc = self.scoped(Scope::Stage(stage));
         for (_, l) in sc.spec.trunks.iter_mut().chain(sc.spec.accounts.iter_mut()) {
             *l = UNBOUNDED;
         }
         sc.spec.source = UNBOUNDED;
-        sc.spec.username = sc.spec.username.map(|_| UNBOUNDED);
-        sc.spec.global = sc.spec.global.map(|_| UNBOUNDED);
+        sc.spec.username = self.cfg.limits.username.map(|_| UNBOUNDED);
+        sc.spec.global = self.cfg.limits.global.map(|_| UNBOUNDED);
         match stage {
             Stage::Source => sc.spec.source = limit,
             Stage::Username => sc.spec.username = Some(limit),
@@ -535,6 +533,21 @@ impl Planner {
             })
             .map(Some)
         })?;
+        // The per-key and global stages, each searched with the others unbounded.
+        let keyed: Vec<(Stage, Limit)> = [
+            (Stage::Source, Some(spec.source)),
+            (Stage::Username, spec.username),
+            (Stage::Global, spec.global),
+        ]
+        .into_iter()
+        .filter_map(|(s, l)| l.map(|l| (s, l)))
+        .filter(|(s, _)| configured.stages[s.index()].reached > 0)
+        .collect();
+        let keyed_rec = par_map(keyed.len(), |i| {
+            let (stage, limit) = keyed[i];
+            let reached = configured.stages[stage.index()].reached;
+            self.recommend(limit, reached, |l| self.stage_share(stage, l))
+        })?;
         // Everything at its recommendation.
         let mut all = self.as_configured();
         all.detail = false;
@@ -546,6 +559,17 @@ impl Planner {
         for (p, r) in all.spec.accounts.iter_mut().zip(&pool_rec) {
             if let Some(rate) = r.as_ref().and_then(|r| r.rate) {
                 p.1.rate = rate;
+            }
+        }
+        for ((stage, _), r) in keyed.iter().zip(&keyed_rec) {
+            let Some(rate) = r.rate else { continue };
+            let l = match stage {
+                Stage::Source => Some(&mut all.spec.source),
+                Stage::Username => all.spec.username.as_mut(),
+                _ => all.spec.global.as_mut(),
+            };
+            if let Some(l) = l {
+                l.rate = rate;
             }
         }
         let with_rec = self.replay(&all)?;
@@ -595,21 +619,6 @@ impl Planner {
             .collect();
         let sources = (configured.sources.attempts > 0)
             .then(|| key("(no trunk, per source)", spec.source, &configured.sources));
-        // The per-key and global stages, each searched with the others unbounded.
-        let keyed: Vec<(Stage, Limit)> = [
-            (Stage::Source, Some(spec.source)),
-            (Stage::Username, spec.username),
-            (Stage::Global, spec.global),
-        ]
-        .into_iter()
-        .filter_map(|(s, l)| l.map(|l| (s, l)))
-        .filter(|(s, _)| configured.stages[s.index()].reached > 0)
-        .collect();
-        let keyed_rec = par_map(keyed.len(), |i| {
-            let (stage, limit) = keyed[i];
-            let reached = configured.stages[stage.index()].reached;
-            self.recommend(limit, reached, |l| self.stage_share(stage, l))
-        })?;
         let stages = Stage::ALL
             .iter()
             .map(|s| {
@@ -1129,7 +1138,7 @@ pub fn table(r: &Report) -> String {
     let w = &r.with_recommendations;
     let _ = writeln!(
         o,
-        "With every trunk and pool at its recommended rate: {} of {} attempts rejected ({}){}.",
+        "With every limit at its recommended rate: {} of {} attempts rejected ({}){}.",
         w.rejected,
         w.attempts,
         pct(w.rejected_share),
