@@ -916,6 +916,40 @@ pub fn read_pcap(
 
 #[cfg(test)]
 mod tests {
+    proptest::proptest! {
+        /// Any bytes: a timestamp or `None`, never a panic; what the formatter writes reads back.
+        #[test]
+        fn timestamps_never_panic_and_round_trip(b in proptest::collection::vec(proptest::num::u8::ANY, 0..40), ms in 0u64..16_000_000_000_000) {
+            let _ = super::parse_timestamp(&b);
+            let ns = ms * 1_000_000;
+            proptest::prop_assert_eq!(super::parse_timestamp(super::format_timestamp(ns).as_bytes()), Some(ns));
+            let unix = format!("{}.{:03}", ms / 1000, ms % 1000);
+            proptest::prop_assert_eq!(super::parse_timestamp(unix.as_bytes()), Some(ns));
+        }
+
+        /// Any frame under any link type — random bytes, or a real UDP frame with one header
+        /// byte changed and cut anywhere: a datagram, a skip or an error, never a panic; a
+        /// datagram's payload lies inside the frame.
+        #[test]
+        fn frames_never_panic(
+            link in proptest::sample::select(vec![0, 1, 101, 108, 113, 228, 229, 276]),
+            b in proptest::collection::vec(proptest::num::u8::ANY, 0..120),
+            at in 0usize..42,
+            byte in proptest::num::u8::ANY,
+            cut in 0usize..60,
+        ) {
+            let mut real = ipv4_udp([10, 0, 0, 1], 5060, b"INVITE sip:x SIP/2.0");
+            real[at] = byte;
+            real.truncate(real.len().saturating_sub(cut));
+            for frame in [&b[..], &real[..], &real[real.len().min(14)..]] {
+                if let Ok(super::Frame::Udp(_, p)) = super::udp_payload(link, frame) {
+                    let start = p.as_ptr() as usize - frame.as_ptr() as usize;
+                    proptest::prop_assert!(start + p.len() <= frame.len());
+                }
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
