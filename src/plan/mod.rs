@@ -343,11 +343,12 @@ impl Planner {
         if store.is_empty() {
             let s = &classifier.stats;
             return Err(PlanError::Empty(format!(
-                "{}: no call attempt to replay ({} records: {} INVITEs from carriers, {} from sources the proxy would not meter, {} retransmissions, {} other SIP messages, {} unparsable, {} other packets)",
+                "{}: no call attempt to replay ({} records: {} INVITEs from carriers, {} from sources the proxy would not meter, {} from the gate's own listen addresses, {} retransmissions, {} other SIP messages, {} unparsable, {} other packets)",
                 opts.trace.display(),
                 s.records,
                 s.from_carriers,
                 s.unmetered,
+                s.from_gate,
                 s.retransmissions,
                 s.other_sip,
                 s.unparsable,

@@ -119,10 +119,11 @@ pub struct TraceStats {
     /// Initial INVITEs from the PBX on no trunk, or from unknown sources, that the proxy would
     /// not meter (`unknown_sources` is "reject" or "forward").
     pub unmetered: u64,
-    /// Packets that are not SIP over UDP over IP (other protocols, fragments after the first).
+    /// Packets that are not UDP over IP (other protocols and link types), keep-alives, and
+    /// pcapng packets without a timestamp.
     pub skipped_packets: u64,
-    /// UDP payloads that are not SIP messages the scanner accepts, and INVITEs the proxy would
-    /// answer 400.
+    /// UDP payloads that are not SIP messages the scanner accepts, INVITEs the proxy would
+    /// answer 400, fragments of datagrams over the MTU, and frames with inconsistent headers.
     pub unparsable: u64,
     /// The first few packet numbers of those.
     pub unparsable_examples: Vec<u64>,
