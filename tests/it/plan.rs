@@ -359,32 +359,29 @@ fn speedup_compresses_time() {
     assert!((fast.trace.duration_secs - 5.0).abs() < 1e-6);
 }
 
-#[test]
-fn csv_pcap_and_pcapng_of_the_same_traffic_give_the_same_report() {
-    let dir = Scratch::new("same");
-    let calls = bursty(120);
-    let csv_trace = dir.file("t.csv", csv(&calls));
-    // The capture has what a capture has besides the attempts: retransmissions of some INVITEs
-    // (same branch), a re-send with credentials after a 407 (new branch, same Call-ID and
-    // From-tag, higher CSeq), responses, an ACK, a call from the carrier, keep-alives.
-    let mut packets = Vec::new();
-    let carrier: SocketAddr = "192.0.2.50:5060".parse().unwrap();
+/// What a capture of `calls` holds besides the attempts: retransmissions of some INVITEs (same
+/// branch), a re-send with credentials after a 407 (new branch, same Call-ID and From-tag, higher
+/// CSeq), responses, a call from the carrier, keep-alives. (time, source, message), in time
+/// order.
+fn wire(calls: &[Call]) -> Vec<(u64, SocketAddr, Vec<u8>)> {
+    let mut packets: Vec<(u64, SocketAddr, Vec<u8>)> = Vec::new();
+    let carrier: SocketAddr = "192.0.2.50:5060".parse().expect("address");
     for (i, c) in calls.iter().enumerate() {
         let branch = format!("b{i}");
         let first = invite(c, &branch, 1, "");
-        packets.push((c.at_ns, frame(c.src, &first)));
+        packets.push((c.at_ns, c.src, first.clone()));
         if i % 50 == 7 {
-            packets.push((c.at_ns + 500_000_000, frame(c.src, &first)));
+            packets.push((c.at_ns + 500_000_000, c.src, first));
         }
         if i % 97 == 3 {
-            packets.push((c.at_ns + 1_000, frame(c.src, b"\r\n\r\n")));
+            packets.push((c.at_ns + 1_000, c.src, b"\r\n\r\n".to_vec()));
             let trying = format!(
                 "SIP/2.0 100 Trying\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK{branch}\r\nFrom: <sip:pbx@pbx.example>;tag=f-{tag}\r\nTo: <sip:+15551230000@192.0.2.50>\r\nCall-ID: {id}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
                 c.src,
                 id = c.call_id,
                 tag = c.call_id.replace(['@', '.'], "-"),
             );
-            packets.push((c.at_ns + 2_000, frame(carrier, trying.as_bytes())));
+            packets.push((c.at_ns + 2_000, carrier, trying.into_bytes()));
         }
     }
     // The very first call of the trace is admitted under any limit: its re-send with
@@ -399,18 +396,27 @@ fn csv_pcap_and_pcapng_of_the_same_traffic_give_the_same_report() {
         "Proxy-Authorization: Digest username=\"{user}\", realm=\"c\", nonce=\"n\", uri=\"sip:x\", response=\"r\"\r\n"
     );
     let resend = invite(first, "auth0", 2, &credentials);
-    packets.push((first.at_ns + 20_000_000, frame(first.src, &resend)));
+    packets.push((first.at_ns + 20_000_000, first.src, resend));
     let inbound = Call {
         at_ns: T0 + 3_000_000_000,
         src: carrier,
         user: "carrier".into(),
         call_id: "in1@carrier".into(),
     };
-    packets.push((
-        inbound.at_ns,
-        frame(carrier, &invite(&inbound, "in1", 1, "")),
-    ));
+    packets.push((inbound.at_ns, carrier, invite(&inbound, "in1", 1, "")));
     packets.sort_by_key(|p| p.0);
+    packets
+}
+
+#[test]
+fn csv_pcap_and_pcapng_of_the_same_traffic_give_the_same_report() {
+    let dir = Scratch::new("same");
+    let calls = bursty(120);
+    let csv_trace = dir.file("t.csv", csv(&calls));
+    let packets: Vec<(u64, Vec<u8>)> = wire(&calls)
+        .into_iter()
+        .map(|(t, src, msg)| (t, frame(src, &msg)))
+        .collect();
     let pcap_trace = dir.file("t.pcap", pcap(&packets));
     let ng_trace = dir.file("t.pcapng", pcapng(&packets));
 
@@ -940,4 +946,106 @@ fn odd_but_readable_traces() {
         .expect("refused")
         .to_string();
     assert!(e.contains("line 2") && e.contains("days after"), "{e}");
+}
+
+#[test]
+fn the_replay_decides_as_the_proxy_core_does() {
+    use cpsgate::proxy::{Action, Inbound, LocalListener, Proxy};
+    let dir = Scratch::new("differential");
+    // The same capture fed to the proxy's decision core, message by message at its own
+    // instant, and to the planner: every trunk's and pool's admitted and refused counts agree.
+    // Pacing on one trunk too: its booked calls count as admitted in both.
+    let config = CONFIG.replace(
+        "name = \"west\"\naccount = \"pool\"\nupstream = \"carrier\"\nrate = 15\nburst = 5\n",
+        "name = \"west\"\naccount = \"pool\"\nupstream = \"carrier\"\nrate = 15\nburst = 5\non_limit = \"queue\"\nmax_delay = 2.0\nmax_queue = 20\n",
+    );
+    assert_ne!(config, CONFIG);
+    let calls = bursty(90);
+    let messages = wire(&calls);
+    let cfg = cpsgate::config::Config::parse(&config, "differential").expect("config");
+    let t0 = std::time::Instant::now();
+    let proxy = Proxy::new_at(
+        &cfg,
+        vec![LocalListener {
+            bound: "127.0.0.1:5060".parse().expect("address"),
+            host: "127.0.0.1".into(),
+            port: 5060,
+            udp: true,
+            tcp: true,
+        }],
+        t0,
+    )
+    .expect("proxy");
+    let (mut forwarded, mut refused, mut queued) = (0u64, 0u64, 0u64);
+    // Paced calls, released at their slot as the transport shell does.
+    let mut waiting: std::collections::BTreeMap<(std::time::Instant, u64), ()> = Default::default();
+    let mut last = t0;
+    for (ns, src, msg) in &messages {
+        let now = t0 + Duration::from_nanos(ns - T0);
+        last = now;
+        while let Some((&(at, key), _)) = waiting.first_key_value() {
+            if at > now {
+                break;
+            }
+            waiting.pop_first();
+            assert!(proxy.release(key, at).is_some());
+        }
+        let action = proxy.handle(
+            now,
+            &Inbound {
+                data: msg,
+                source: *src,
+                transport: cpsgate::sip::Transport::Udp,
+                listener: 0,
+                conn: None,
+            },
+        );
+        match action {
+            Action::Forward(_) => forwarded += 1,
+            Action::Reject(..) => refused += 1,
+            Action::Queue(q) => {
+                queued += 1;
+                waiting.insert((q.at, q.key), ());
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        refused > 0 && queued > 0,
+        "the traffic exercises refusals and pacing"
+    );
+    assert!(forwarded > 0);
+    let snapshot = proxy.snapshot(last);
+    let trace = dir.file(
+        "t.pcap",
+        pcap(
+            &messages
+                .iter()
+                .map(|(t, src, m)| (*t, frame(*src, m)))
+                .collect::<Vec<_>>(),
+        ),
+    );
+    let r = planner(&dir, &config, &trace, |_| {})
+        .unwrap()
+        .report()
+        .unwrap();
+    for (live, planned) in snapshot.trunks.iter().map(|t| &t.limits).zip(&r.trunks) {
+        assert_eq!(live.name, planned.name);
+        // A paced call is counted admitted by the proxy when its slot comes.
+        let waiting = live.waiting;
+        assert_eq!(
+            live.admitted + waiting,
+            planned.admitted,
+            "{} live {:?} planned {:?} attempts {}",
+            live.name,
+            live.rejected,
+            planned.rejected_by_stage,
+            planned.attempts
+        );
+        assert_eq!(live.rejected, planned.rejected_by_stage, "{}", live.name);
+    }
+    for (live, planned) in snapshot.accounts.iter().zip(&r.accounts) {
+        assert_eq!(live.name, planned.name);
+        assert_eq!(live.rejected, planned.rejected_by_stage, "{}", live.name);
+    }
 }
