@@ -1086,4 +1086,45 @@ mod tests {
         // An unknown link type is skipped.
         assert_eq!(udp_payload(147, &f), Ok(Frame::Other));
     }
+
+    #[test]
+    fn udp_payloads_over_ipv6_and_cooked_captures() {
+        let payload = b"INVITE";
+        let mut v6 = vec![0x60, 0, 0, 0];
+        v6.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        // Next header: hop-by-hop options (8 bytes), then UDP.
+        v6.extend_from_slice(&[0, 64]);
+        let src: std::net::Ipv6Addr = "2001:db8::5".parse().unwrap();
+        v6.extend_from_slice(&src.octets());
+        v6.extend_from_slice(
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        v6.extend_from_slice(&[17, 0, 0, 0, 0, 0, 0, 0]);
+        v6[5] += 8;
+        v6.extend_from_slice(&5070u16.to_be_bytes());
+        v6.extend_from_slice(&5060u16.to_be_bytes());
+        v6.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        v6.extend_from_slice(&[0, 0]);
+        v6.extend_from_slice(payload);
+        let want = Frame::Udp("[2001:db8::5]:5070".parse().unwrap(), payload);
+        // Raw IPv6.
+        assert_eq!(udp_payload(229, &v6), Ok(want));
+        // Linux cooked capture v1: 16 bytes, the protocol last.
+        let mut sll = vec![0u8; 14];
+        sll.extend_from_slice(&[0x86, 0xdd]);
+        sll.extend_from_slice(&v6);
+        assert_eq!(udp_payload(113, &sll), Ok(want));
+        // v2: 20 bytes, the protocol first.
+        let mut sll2 = vec![0x86, 0xdd];
+        sll2.extend_from_slice(&[0u8; 18]);
+        sll2.extend_from_slice(&v6);
+        assert_eq!(udp_payload(276, &sll2), Ok(want));
+        // A fragment header: not reassembled.
+        let mut frag = v6.clone();
+        frag[6] = 44;
+        assert_eq!(udp_payload(229, &frag), Ok(Frame::Fragment));
+    }
 }
