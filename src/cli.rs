@@ -104,7 +104,7 @@ pub enum Command {
         /// Compress the trace's time axis: 2 replays the same calls in half the time.
         #[arg(long, default_value_t = 1.0)]
         speedup: f64,
-        /// Write report.json, report.txt and one SVG chart per trunk to this directory.
+        /// Write report.json, report.txt and one SVG chart per trunk and per pool to this directory.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Also write the report as JSON to this file (`-`: standard output, instead of the

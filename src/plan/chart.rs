@@ -1,15 +1,17 @@
-//! One SVG chart per trunk: calls offered and admitted per second over the trace, the same calls
-//! paced instead, and the configured rate.
+//! One SVG chart per trunk and per pool: calls offered and admitted per second over the trace,
+//! for a trunk the same calls paced instead, and the configured rate.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 
-/// The per-second figures of one trunk.
+/// The per-second figures of one trunk or pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
-    /// The trunk.
-    pub trunk: String,
+    /// "trunk" or "pool".
+    pub kind: &'static str,
+    /// Its name.
+    pub name: String,
     /// Its configured rate.
     pub rate: f64,
     /// Seconds per point of `offered` and `admitted` (1 for traces up to 2048 s; longer ones
@@ -21,13 +23,13 @@ pub struct Series {
     pub admitted: Vec<u32>,
     /// Seconds per point of `paced`.
     pub paced_bin_secs: u64,
-    /// Sent per second with pacing instead.
+    /// Sent per second with pacing instead (trunks; empty for a pool).
     pub paced: Vec<u32>,
 }
 
-/// A file name for `trunk`'s chart that no earlier chart in `used` has.
-pub fn file_name(trunk: &str, used: &[String]) -> String {
-    let clean: String = trunk
+/// A file name for the chart of `kind` `name` that no earlier chart in `used` has.
+pub fn file_name(kind: &str, name: &str, used: &[String]) -> String {
+    let clean: String = name
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
@@ -37,13 +39,13 @@ pub fn file_name(trunk: &str, used: &[String]) -> String {
             }
         })
         .collect();
-    let mut name = format!("trunk-{clean}.svg");
+    let mut file = format!("{kind}-{clean}.svg");
     let mut n = 2;
-    while used.contains(&name) {
-        name = format!("trunk-{clean}-{n}.svg");
+    while used.contains(&file) {
+        file = format!("{kind}-{clean}-{n}.svg");
         n += 1;
     }
-    name
+    file
 }
 
 fn clock(secs: f64) -> String {
@@ -82,8 +84,8 @@ fn draw_inner(s: &Series, path: &Path) -> Result<(), Box<dyn std::error::Error>>
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "trunk {}: calls per second, offered and admitted (limit {} cps)",
-                s.trunk, s.rate
+                "{} {}: calls per second, offered and admitted (limit {} cps)",
+                s.kind, s.name, s.rate
             ),
             ("sans-serif", 22),
         )
@@ -130,13 +132,15 @@ fn draw_inner(s: &Series, path: &Path) -> Result<(), Box<dyn std::error::Error>>
         ))?
         .label("admitted as configured")
         .legend(legend(admitted_c));
-    chart
-        .draw_series(LineSeries::new(
-            points(&s.paced, s.paced_bin_secs),
-            paced_c.stroke_width(2),
-        ))?
-        .label("sent if paced instead")
-        .legend(legend(paced_c));
+    if !s.paced.is_empty() {
+        chart
+            .draw_series(LineSeries::new(
+                points(&s.paced, s.paced_bin_secs),
+                paced_c.stroke_width(2),
+            ))?
+            .label("sent if paced instead")
+            .legend(legend(paced_c));
+    }
     chart
         .draw_series(DashedLineSeries::new(
             [(0.0, s.rate), (span, s.rate)],

@@ -767,25 +767,29 @@ impl Planner {
 
     /// The chart series of every trunk with traffic, from the outcomes as configured and paced.
     fn series(&self, configured: &Outcome, paced: &[Tally]) -> Vec<chart::Series> {
-        self.cfg
-            .trunks
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| configured.trunks[*i].attempts > 0)
-            .map(|(i, t)| {
-                let s = configured.trunks[i].seconds.clone().unwrap_or_default();
-                let p = paced[i].seconds.clone().unwrap_or_default();
-                chart::Series {
-                    trunk: t.name.clone(),
-                    rate: t.limit.rate,
-                    bin_secs: s.bin,
-                    offered: s.series.iter().map(|b| b[0]).collect(),
-                    admitted: s.series.iter().map(|b| b[1]).collect(),
-                    paced_bin_secs: p.bin,
-                    paced: p.series.iter().map(|b| b[1]).collect(),
-                }
-            })
-            .collect()
+        let series = |kind, name: &str, rate, t: &Tally, p: Option<&Tally>| {
+            let s = t.seconds.clone().unwrap_or_default();
+            let p = p.and_then(|p| p.seconds.clone()).unwrap_or_default();
+            chart::Series {
+                kind,
+                name: name.to_owned(),
+                rate,
+                bin_secs: s.bin,
+                offered: s.series.iter().map(|b| b[0]).collect(),
+                admitted: s.series.iter().map(|b| b[1]).collect(),
+                paced_bin_secs: p.bin,
+                paced: p.series.iter().map(|b| b[1]).collect(),
+            }
+        };
+        let trunks = self.cfg.trunks.iter().enumerate().filter_map(|(i, t)| {
+            let c = &configured.trunks[i];
+            (c.attempts > 0).then(|| series("trunk", &t.name, t.limit.rate, c, Some(&paced[i])))
+        });
+        let pools = self.cfg.accounts.iter().enumerate().filter_map(|(i, a)| {
+            let c = &configured.accounts[i];
+            (c.attempts > 0).then(|| series("pool", &a.name, a.limit.rate, c, None))
+        });
+        trunks.chain(pools).collect()
     }
 }
 
@@ -874,7 +878,7 @@ fn key_report(name: &str, limit: Limit, t: &Tally, span: u64) -> KeyReport {
 }
 
 /// Run `cpsgate plan`: the report, the table on standard output, and with `out` the JSON, the
-/// table and one chart per trunk in that directory; `json` also writes the JSON there (`-` for
+/// table and one chart per trunk and pool in that directory; `json` also writes the JSON there (`-` for
 /// standard output, instead of the table).
 pub fn run(opts: Options, out: Option<&Path>, json: Option<&Path>) -> Result<Report, PlanError> {
     let planner = Planner::load(opts)?;
@@ -884,9 +888,13 @@ pub fn run(opts: Options, out: Option<&Path>, json: Option<&Path>) -> Result<Rep
         let series = planner.series(&configured, &paced);
         let mut used = Vec::new();
         for s in &series {
-            let file = chart::file_name(&s.trunk, &used);
+            let file = chart::file_name(s.kind, &s.name, &used);
             chart::draw(s, &dir.join(&file)).map_err(std::io::Error::other)?;
-            if let Some(k) = report.trunks.iter_mut().find(|k| k.name == s.trunk) {
+            let keys = match s.kind {
+                "trunk" => &mut report.trunks,
+                _ => &mut report.accounts,
+            };
+            if let Some(k) = keys.iter_mut().find(|k| k.name == s.name) {
                 k.chart = Some(file.clone());
             }
             used.push(file);

@@ -696,8 +696,17 @@ fn the_command_writes_a_table_json_and_a_chart_per_trunk() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
     let trunks = json["trunks"].as_array().unwrap();
-    let charted: Vec<&str> = trunks.iter().filter_map(|t| t["chart"].as_str()).collect();
-    assert!(charted.len() >= 3, "{charted:?}");
+    let pools = json["accounts"].as_array().unwrap();
+    let charted: Vec<&str> = trunks
+        .iter()
+        .chain(pools)
+        .filter_map(|t| t["chart"].as_str())
+        .collect();
+    assert!(
+        charted.contains(&"trunk-acme-east.svg") && charted.contains(&"pool-acme.svg"),
+        "{charted:?}"
+    );
+    assert!(charted.len() >= 5, "{charted:?}");
     for c in charted {
         let svg = std::fs::read_to_string(out_dir.join(c)).unwrap();
         assert!(
