@@ -157,8 +157,6 @@ pub struct Classifier {
     fractional: bool,
     /// Decided at the first attempt out: spread each whole second's attempts over it.
     spread: Option<bool>,
-    /// The time of the last attempt out (they never go back in time).
-    last_out: u64,
     /// What was seen.
     pub stats: TraceStats,
 }
@@ -193,7 +191,6 @@ impl Classifier {
                 .collect(),
             fractional: false,
             spread: None,
-            last_out: 0,
             stats: TraceStats::default(),
         }
     }
@@ -270,8 +267,8 @@ impl Classifier {
                 if self.stats.attempts == 0 {
                     self.stats.start_unix_ns = t;
                 }
-                let at = (((t - start) as f64 / self.speedup) as u64).max(self.last_out);
-                self.last_out = at;
+                // Attempts never go back in time (the span is the last one's time so far).
+                let at = (((t - start) as f64 / self.speedup) as u64).max(self.stats.span_ns);
                 self.stats.span_ns = at;
                 self.stats.attempts += 1;
                 out(Attempt { at, ..a });
