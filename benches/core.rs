@@ -15,7 +15,21 @@ const CALLS: usize = 4096;
 const CYCLE: Duration = Duration::from_secs(40);
 
 fn invite(n: usize) -> String {
-    let body = "v=0\r\no=- 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+    invite_with(n, "")
+}
+
+/// An INVITE of about 1.1 KB, as PBXs send them: the SDP lists its codecs one per line.
+fn large_invite(n: usize) -> String {
+    invite_with(
+        n,
+        "a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:9 G722/8000\r\na=rtpmap:18 G729/8000\r\na=fmtp:18 annexb=no\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=maxptime:150\r\na=sendrecv\r\na=rtcp:4001 IN IP4 10.0.0.5\r\na=ssrc:1234567890 cname:pbx-core-bench\r\na=label:1\r\nm=video 4002 RTP/AVP 96 97\r\na=rtpmap:96 H264/90000\r\na=fmtp:96 profile-level-id=42e01f;packetization-mode=1\r\na=rtpmap:97 VP8/90000\r\na=rtcp-fb:* nack\r\na=rtcp-fb:* ccm fir\r\na=sendrecv\r\na=candidate:1 1 UDP 2130706431 10.0.0.5 4000 typ host\r\na=candidate:2 1 UDP 1694498815 198.51.100.5 4000 typ srflx raddr 10.0.0.5 rport 4000\r\n",
+    )
+}
+
+fn invite_with(n: usize, more_sdp: &str) -> String {
+    let body = format!(
+        "v=0\r\no=- 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n{more_sdp}"
+    );
     format!(
         "INVITE sip:+15551234567@carrier.example SIP/2.0\r\n\
          Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bK-core-{n};rport\r\n\
@@ -108,6 +122,21 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             cycle(iters, &mut next, t0, |i, now| {
                 let a = open.handle(now, &inbound(calls[i].as_bytes(), "10.0.0.5:5062"));
+                assert!(matches!(a, Action::Forward(_)), "{a:?}");
+            })
+        })
+    });
+
+    // The same with a 1.1 KB INVITE: near the §18.1.1 size limit, on a trunk whose transport
+    // is configured.
+    let large: Vec<String> = (0..CALLS).map(large_invite).collect();
+    assert!(large[0].len() > 1000, "{}", large[0].len());
+    let open_large = proxy("1000000", t0);
+    let mut next = 0;
+    g.bench_function("invite_admitted_large", |b| {
+        b.iter_custom(|iters| {
+            cycle(iters, &mut next, t0, |i, now| {
+                let a = open_large.handle(now, &inbound(large[i].as_bytes(), "10.0.0.5:5062"));
                 assert!(matches!(a, Action::Forward(_)), "{a:?}");
             })
         })

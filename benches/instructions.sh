@@ -3,7 +3,7 @@
 # unlike times, the count is the same run after run on a busy machine, so it is the figure to
 # compare a change against (docs/performance.md).
 #
-#   benches/instructions.sh [case...]     cases: invite_admitted invite_rejected
+#   benches/instructions.sh [case...]     cases: invite_admitted invite_admitted_large invite_rejected
 #                                                 response_relayed bye_in_dialog (default: all)
 #
 # Each case runs the `core` criterion bench in profiling mode for 3 s under callgrind, counting
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)"; exit 1; }
-CASES=(${@:-invite_admitted invite_rejected response_relayed bye_in_dialog})
+CASES=(${@:-invite_admitted invite_admitted_large invite_rejected response_relayed bye_in_dialog})
 BIN=$(cargo bench --bench core --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:

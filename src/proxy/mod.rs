@@ -1344,28 +1344,25 @@ impl Core {
             unbook(paced, consult);
             return self.reply(msg, &req, &via_edits, inb, refuse(482, "Loop Detected"));
         }
-        // Our additions stay well under 600 bytes: only a message near the limit may need the
-        // §18.1.1 rewrite below, and only then is a copy of the edits kept.
-        let unrewritten = (buf.len() + 600 > UDP_SIZE_LIMIT).then(|| edits.clone());
+        // RFC 3261 §18.1.1: a request larger than 1300 bytes (path MTU unknown) MUST go over a
+        // congestion-controlled transport when the next hop did not fix the transport — only on
+        // the same interface: another one may not reach the next hop. Our additions stay well
+        // under 600 bytes: only a message near the limit that could move to TCP keeps a copy of
+        // the edits for that rewrite.
+        let may_move =
+            transport == Transport::Udp && !transport_chosen && self.shared.listeners[egress].tcp;
+        let unrewritten = (may_move && buf.len() + 600 > UDP_SIZE_LIMIT).then(|| edits.clone());
         self.rewrite_request(msg, &req, inb, &mut edits, transport, egress);
         let mut data = edits.apply(buf, msg.body_range().end);
-        // RFC 3261 §18.1.1: a request larger than 1300 bytes (path MTU unknown) MUST go over a
-        // congestion-controlled transport when the next hop did not fix the transport.
         let mut fallback = None;
-        if let Some(unrewritten) = unrewritten
+        if let Some(mut e) = unrewritten
             && data.len() > UDP_SIZE_LIMIT
-            && transport == Transport::Udp
-            && !transport_chosen
         {
-            // Only on the same interface: another one may not reach the next hop.
-            if self.shared.listeners[egress].tcp {
-                // §18.1.1: when the connection cannot be made, the UDP version is sent instead.
-                fallback = Some((egress, data));
-                transport = Transport::Tcp;
-                let mut e = unrewritten;
-                self.rewrite_request(msg, &req, inb, &mut e, transport, egress);
-                data = e.apply(buf, msg.body_range().end);
-            }
+            // §18.1.1: when the connection cannot be made, the UDP version is sent instead.
+            fallback = Some((egress, data));
+            transport = Transport::Tcp;
+            self.rewrite_request(msg, &req, inb, &mut e, transport, egress);
+            data = e.apply(buf, msg.body_range().end);
         }
         let forward = Outbound {
             to,
