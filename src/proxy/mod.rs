@@ -242,23 +242,33 @@ pub struct LocalListener {
 }
 
 impl LocalListener {
-    /// True when `ip` reaches this listener: its bound or advertised address, or, for a
-    /// listener bound to every interface, loopback.
-    fn is_own_ip(&self, ip: IpAddr) -> bool {
+    /// The host it writes, when that is an IP address.
+    fn host_ip(&self) -> Option<IpAddr> {
+        self.host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+    }
+
+    /// True when `ip` reaches this listener: its bound address, the host it writes (`host_ip`,
+    /// from [`LocalListener::host_ip`]: the per-message checks use the copy `Shared` keeps), or,
+    /// for a listener bound to every interface, loopback.
+    fn is_own_ip_given(&self, host_ip: Option<IpAddr>, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         canonical_ip(self.bound.ip()) == ip
             || (self.bound.ip().is_unspecified() && ip.is_loopback())
-            || self
-                .host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|h| canonical_ip(h) == ip)
+            || host_ip.is_some_and(|h| canonical_ip(h) == ip)
     }
 
     /// True when sending to `a` would reach this listener.
     fn is_self(&self, a: SocketAddr) -> bool {
-        (a.port() == self.bound.port() || a.port() == self.port) && self.is_own_ip(a.ip())
+        self.is_self_given(self.host_ip(), a)
+    }
+
+    fn is_self_given(&self, host_ip: Option<IpAddr>, a: SocketAddr) -> bool {
+        (a.port() == self.bound.port() || a.port() == self.port)
+            && self.is_own_ip_given(host_ip, a.ip())
     }
 
     fn serves(&self, t: Transport) -> bool {
@@ -324,6 +334,8 @@ pub enum BuildError {
 #[derive(Debug)]
 struct Shared {
     listeners: Vec<LocalListener>,
+    /// Each listener's written host as an IP address, parsed once.
+    listener_ips: Vec<Option<IpAddr>>,
     keys: Keys,
     draining: std::sync::atomic::AtomicBool,
     decisions: BoundedMap<Decision>,
@@ -336,6 +348,18 @@ struct Shared {
     cluster_urls: Option<Vec<String>>,
     /// Calls whose shared buckets are being asked in Redis: cancelled meanwhile?, since (ns).
     pending: dashmap::DashMap<u64, (bool, u64)>,
+}
+
+impl Shared {
+    /// Not a destination we must never send to, and not one of our own listeners.
+    fn is_safe(&self, a: SocketAddr) -> bool {
+        is_safe_destination(a)
+            && !self
+                .listeners
+                .iter()
+                .zip(&self.listener_ips)
+                .any(|(l, h)| l.is_self_given(*h, a))
+    }
 }
 
 /// The stateless proxy core, as seen through one configuration. A reload builds a new one (its
@@ -747,6 +771,7 @@ impl Proxy {
     ) -> Result<Self, BuildError> {
         let keys = Keys::new(cfg.proxy.secret.as_deref());
         let shared = Arc::new(Shared {
+            listener_ips: listeners.iter().map(LocalListener::host_ip).collect(),
             listeners,
             keys,
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -868,7 +893,7 @@ impl Proxy {
 
     /// True when a destination may be used (see [`Core::is_safe`]).
     pub fn is_safe(&self, a: SocketAddr) -> bool {
-        is_safe_destination(a) && !self.shared.listeners.iter().any(|l| l.is_self(a))
+        self.shared.is_safe(a)
     }
 
     /// Turn away new calls from now on (503), while relaying everything else: the first step of
@@ -2567,9 +2592,10 @@ impl Core {
     }
 
     fn local_listener(&self, buf: &[u8], host: &Host, port: u16) -> Option<usize> {
-        self.shared.listeners.iter().position(|l| {
+        let ips = &self.shared.listener_ips;
+        self.shared.listeners.iter().zip(ips).position(|(l, own)| {
             let host_ok = match host {
-                Host::Ip(ip) => l.is_own_ip(*ip),
+                Host::Ip(ip) => l.is_own_ip_given(*own, *ip),
                 Host::Name(r) => {
                     let name = &buf[r.clone()];
                     name.eq_ignore_ascii_case(l.host.as_bytes())
@@ -2586,7 +2612,7 @@ impl Core {
     /// Never send to port 0, an unspecified, broadcast, multicast or link-local address (cloud
     /// metadata services live at 169.254.169.254), or ourselves.
     pub fn is_safe(&self, a: SocketAddr) -> bool {
-        is_safe_destination(a) && !self.shared.listeners.iter().any(|l| l.is_self(a))
+        self.shared.is_safe(a)
     }
 
     /// The branch key of a Via whose branch carries the magic cookie (and more than it: a bare
