@@ -1247,12 +1247,11 @@ impl Core {
             Ok(r) => r,
             Err(e) => return self.refuse_raw(inb, 400, &format!("Bad Request ({e})")),
         };
-        let via_edits = received_edits(&req.top_via, inb.source);
         let ruri = match self.validate(msg, &req) {
             Ok(u) => u,
             // §17.2.1: an ACK is never answered.
             Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
-            Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
+            Err(r) => return self.reply(msg, &req, inb, r),
         };
         // RFC 3261 §8.2.7/§17.2.1: the ACK for a final response we generated ends here. Our To-tag
         // is a keyed hash of the transaction, so no state is needed to recognise it.
@@ -1270,7 +1269,7 @@ impl Core {
             } else {
                 refuse(403, "Forbidden")
             };
-            return self.reply(msg, &req, &via_edits, inb, answer);
+            return self.reply(msg, &req, inb, answer);
         }
         // While draining before exit, new calls are turned away so the PBX tries another gate;
         // everything that belongs to existing calls still passes.
@@ -1284,14 +1283,16 @@ impl Core {
             && req.to_tag(buf).is_none()
             && !self.known_transaction(now, msg, &req)
         {
-            return self.reply(msg, &req, &via_edits, inb, shutting_down());
+            return self.reply(msg, &req, inb, shutting_down());
         }
-        let mut edits = via_edits.clone();
+        // The forward's edits; the top Via's `received`/`rport` join them once the request is
+        // known to go on (an answer made here derives its own from the request).
+        let mut edits = Edits::new();
         let (mut hop, origin) = match self.next_hop(msg, &req, inb, ruri, &mut edits) {
             Ok(h) => h,
             // §17.2.1: an ACK is never answered.
             Err(_) if req.method == Method::Ack => return Action::Drop(DropReason::Unanswerable),
-            Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
+            Err(r) => return self.reply(msg, &req, inb, r),
         };
         // A BYE that will be forwarded ends a followed call (ACD).
         if req.method == Method::Bye {
@@ -1307,7 +1308,6 @@ impl Core {
                 now,
                 msg,
                 &req,
-                &via_edits,
                 inb,
                 origin,
                 &mut hop,
@@ -1317,6 +1317,7 @@ impl Core {
         {
             return done;
         }
+        add_received(&mut edits, &req.top_via, inb.source);
         // A configured target's transport is the operator's choice; a URI without `transport`
         // leaves it to us (RFC 3261 §18.1.1).
         let mut transport_chosen = true;
@@ -1335,7 +1336,7 @@ impl Core {
                     Err(_) if req.method == Method::Ack => {
                         return Action::Drop(DropReason::UnsupportedTransport);
                     }
-                    Err(r) => return self.reply(msg, &req, &via_edits, inb, r),
+                    Err(r) => return self.reply(msg, &req, inb, r),
                 }
             }
         };
@@ -1367,7 +1368,7 @@ impl Core {
         // Sending a request straight back to where it came from is a loop (§16.3 step 4).
         if to == NextHop::Addr(inb.source) && req.method != Method::Ack {
             unbook(paced, consult);
-            return self.reply(msg, &req, &via_edits, inb, refuse(482, "Loop Detected"));
+            return self.reply(msg, &req, inb, refuse(482, "Loop Detected"));
         }
         // RFC 3261 §18.1.1: a request larger than 1300 bytes (path MTU unknown) MUST go over a
         // congestion-controlled transport when the next hop did not fix the transport — only on
@@ -1430,9 +1431,7 @@ impl Core {
         }
         match paced {
             None => Action::Forward(forward),
-            Some((booked, ask)) => {
-                self.enqueue(now, msg, &req, &via_edits, inb, forward, booked, ask)
-            }
+            Some((booked, ask)) => self.enqueue(now, msg, &req, inb, forward, booked, ask),
         }
     }
 
@@ -1444,7 +1443,6 @@ impl Core {
         now: Instant,
         msg: &Message<'_>,
         req: &RequestView,
-        via_edits: &Edits,
         inb: &Inbound<'_>,
         forward: Outbound,
         booked: crate::limiter::Reservation,
@@ -1465,7 +1463,7 @@ impl Core {
             NextHop::Name { .. } => unreachable!("initial requests go to configured targets"),
         };
         let at = now_ns + u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-        let (_, trying) = self.answer(msg, req, via_edits, inb, &trying());
+        let (_, trying) = self.answer(msg, req, inb, &trying());
         let slot = match self.shared.queue.entry(key) {
             // A copy of it is already waiting (a retransmission that raced the first): one
             // slot is enough.
@@ -1598,7 +1596,7 @@ impl Core {
     fn answer_unadmitted(
         &self,
         p: &Pending,
-        answer: impl FnOnce(&Message<'_>, &RequestView, &Edits, &Inbound<'_>) -> Action,
+        answer: impl FnOnce(&Message<'_>, &RequestView, &Inbound<'_>) -> Action,
     ) -> Action {
         let inb = Inbound {
             data: &p.invite,
@@ -1617,8 +1615,7 @@ impl Core {
             self.shared.dialogs.remove(self.dialog_key(&msg));
         }
         self.shared.admitted.remove(self.attempt_key(&msg, &req));
-        let via_edits = received_edits(&req.top_via, p.source);
-        answer(&msg, &req, &via_edits, &inb)
+        answer(&msg, &req, &inb)
     }
 
     /// A call cancelled while Redis was asked: its cells go back (Redis's too, when it gave
@@ -1635,8 +1632,8 @@ impl Core {
                 verdict: Verdict::Terminated,
             },
         );
-        let action = self.answer_unadmitted(&p, |msg, req, via_edits, inb| {
-            self.reply(msg, req, via_edits, inb, refuse(487, "Request Terminated"))
+        let action = self.answer_unadmitted(&p, |msg, req, inb| {
+            self.reply(msg, req, inb, refuse(487, "Request Terminated"))
         });
         Settled {
             action,
@@ -1743,17 +1740,8 @@ impl Core {
                 verdict: Verdict::Rejected(stage),
             },
         );
-        let action = self.answer_unadmitted(&p, |msg, req, via_edits, inb| {
-            self.reject(
-                msg,
-                req,
-                via_edits,
-                inb,
-                p.origin,
-                stage,
-                Some(retry_after),
-                p.key,
-            )
+        let action = self.answer_unadmitted(&p, |msg, req, inb| {
+            self.reject(msg, req, inb, p.origin, stage, Some(retry_after), p.key)
         });
         Settled {
             action,
@@ -1773,11 +1761,7 @@ impl Core {
             listener: w.listener,
             conn: w.conn,
         };
-        let edits = received_edits(&req.top_via, w.source);
-        Some(
-            self.answer(&msg, &req, &edits, &inb, &refuse(code, reason))
-                .1,
-        )
+        Some(self.answer(&msg, &req, &inb, &refuse(code, reason)).1)
     }
 
     /// RFC 3261 §16.3 request validation (syntax was checked by the scanner and the view).
@@ -1963,7 +1947,6 @@ impl Core {
         now: Instant,
         msg: &Message<'_>,
         req: &RequestView,
-        via_edits: &Edits,
         inb: &Inbound<'_>,
         origin: Origin,
         hop: &mut Hop,
@@ -1996,14 +1979,14 @@ impl Core {
                     self.shared
                         .cancels_answered
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
+                    Some(self.reply(msg, req, inb, refuse(200, "OK")))
                 }
                 Some(Verdict::Forwarded(res)) => {
                     *hop = Hop::Target(res.resolved());
                     None
                 }
                 Some(Verdict::Terminated | Verdict::ShutDown) => {
-                    Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
+                    Some(self.reply(msg, req, inb, refuse(200, "OK")))
                 }
                 // §9.2: answered at once; `settle` then answers the INVITE 487.
                 Some(Verdict::Pending) => {
@@ -2014,23 +1997,21 @@ impl Core {
                         .map(|mut e| e.0 = true)
                         .is_some();
                     match marked {
-                        true => Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK"))),
+                        true => Some(self.reply(msg, req, inb, refuse(200, "OK"))),
                         // Decided a moment ago: like any decided INVITE.
                         false => match self.shared.decisions.get(key, now_ns, |d| d.verdict) {
                             Some(Verdict::Forwarded(res)) => {
                                 *hop = Hop::Target(res.resolved());
                                 None
                             }
-                            Some(_) => {
-                                Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
-                            }
+                            Some(_) => Some(self.reply(msg, req, inb, refuse(200, "OK"))),
                             None => None,
                         },
                     }
                 }
                 Some(Verdict::Queued) => match self.cancel_waiting(key, now_ns) {
                     Some(terminated) => {
-                        let (_, ok) = self.answer(msg, req, via_edits, inb, &refuse(200, "OK"));
+                        let (_, ok) = self.answer(msg, req, inb, &refuse(200, "OK"));
                         Some(Action::Cancelled(ok, terminated))
                     }
                     // It left the queue a moment ago: released (the CANCEL follows the
@@ -2041,7 +2022,7 @@ impl Core {
                             None
                         }
                         Some(Verdict::Terminated | Verdict::ShutDown) => {
-                            Some(self.reply(msg, req, via_edits, inb, refuse(200, "OK")))
+                            Some(self.reply(msg, req, inb, refuse(200, "OK")))
                         }
                         _ => None,
                     },
@@ -2055,23 +2036,17 @@ impl Core {
                 return None;
             }
             Some(Verdict::Rejected(stage)) => {
-                return Some(self.reject(msg, req, via_edits, inb, origin, stage, None, key));
+                return Some(self.reject(msg, req, inb, origin, stage, None, key));
             }
             // A retransmission of a waiting INVITE gets the 100 again (§17.2.1).
             Some(Verdict::Queued) => {
-                return Some(self.reply(msg, req, via_edits, inb, trying()));
+                return Some(self.reply(msg, req, inb, trying()));
             }
             Some(Verdict::Terminated) => {
-                return Some(self.reply(
-                    msg,
-                    req,
-                    via_edits,
-                    inb,
-                    refuse(487, "Request Terminated"),
-                ));
+                return Some(self.reply(msg, req, inb, refuse(487, "Request Terminated")));
             }
             Some(Verdict::ShutDown) => {
-                return Some(self.reply(msg, req, via_edits, inb, shutting_down()));
+                return Some(self.reply(msg, req, inb, shutting_down()));
             }
             Some(Verdict::Pending) => return Some(Action::Drop(DropReason::Pending)),
             None => {}
@@ -2143,7 +2118,6 @@ impl Core {
                     return Some(self.reject(
                         msg,
                         req,
-                        via_edits,
                         inb,
                         origin,
                         refused.stage,
@@ -2227,7 +2201,6 @@ impl Core {
         &self,
         msg: &Message<'_>,
         req: &RequestView,
-        via_edits: &Edits,
         inb: &Inbound<'_>,
         origin: Origin,
         stage: Stage,
@@ -2277,7 +2250,7 @@ impl Core {
             reason: self.reply_cfg.reasons[stage.index()].clone().into(),
             extra,
         };
-        let (_, out) = self.answer(msg, req, via_edits, inb, &refusal);
+        let (_, out) = self.answer(msg, req, inb, &refusal);
         Action::Reject(
             Rejection {
                 stage,
@@ -2638,15 +2611,8 @@ impl Core {
         tag_text(h)
     }
 
-    fn reply(
-        &self,
-        msg: &Message<'_>,
-        req: &RequestView,
-        via_edits: &Edits,
-        inb: &Inbound<'_>,
-        r: Refusal,
-    ) -> Action {
-        let (code, out) = self.answer(msg, req, via_edits, inb, &r);
+    fn reply(&self, msg: &Message<'_>, req: &RequestView, inb: &Inbound<'_>, r: Refusal) -> Action {
+        let (code, out) = self.answer(msg, req, inb, &r);
         Action::Reply(code, out)
     }
 
@@ -2655,7 +2621,6 @@ impl Core {
         &self,
         msg: &Message<'_>,
         req: &RequestView,
-        via_edits: &Edits,
         inb: &Inbound<'_>,
         r: &Refusal,
     ) -> (u16, Outbound) {
@@ -2666,9 +2631,10 @@ impl Core {
             self.to_tag(msg, &req.top_via)
         };
         let extra: Vec<(&str, &str)> = r.extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        // The top Via as RFC 3261 §18.2.1 and RFC 3581 have it answered: `received`, `rport`.
         let data = build_response(
             msg,
-            via_edits,
+            &received_edits(&req.top_via, inb.source),
             &ResponseSpec {
                 code: r.code,
                 reason: &r.reason,
@@ -2885,6 +2851,12 @@ fn top_via(msg: &Message<'_>) -> Option<Via> {
 /// (always when `rport` is present) and fill an empty `rport` with the source port.
 fn received_edits(via: &Via, src: SocketAddr) -> Edits {
     let mut e = Edits::new();
+    add_received(&mut e, via, src);
+    e
+}
+
+/// Add [`received_edits`] to `e`.
+fn add_received(e: &mut Edits, via: &Via, src: SocketAddr) {
     let ip = canonical_ip(src.ip());
     let sent_by_is_src = matches!(via.host, Host::Ip(h) if canonical_ip(h) == ip);
     let rport = !matches!(via.rport, Rport::Absent);
@@ -2903,7 +2875,6 @@ fn received_edits(via: &Via, src: SocketAddr) -> Edits {
             }),
         }
     }
-    e
 }
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {
