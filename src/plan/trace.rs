@@ -869,10 +869,9 @@ pub fn read_pcap(
                         let len = (epb.caplen as usize).min(epb.data.len());
                         Some((ns, lt, &epb.data[..len], epb.caplen < epb.origlen))
                     }
-                    PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
+                    PcapBlockOwned::NG(Block::SimplePacket(_)) => {
                         // No timestamp: it cannot be placed in time.
                         number += 1;
-                        let _ = spb;
                         classifier.stats.records += 1;
                         classifier.stats.skipped_packets += 1;
                         None
