@@ -57,6 +57,9 @@ rss_kib() {
   echo "$total"
 }
 
+# gate_config PORT UAS_PORT TRANSPORT [RATE BURST]: a gate with one trunk for 127.0.0.0/8.
+source benches/gate-config.sh
+
 json_field() { python3 -c "import json,sys; d=json.load(open('$1')); print($2)"; }
 
 # run_step NAME TRANSPORT GATE_PORT UAS_PORT RATE PIDS... -> "offered lost p50 p99 ticks rss_peak achieved"
@@ -110,37 +113,6 @@ measure() {
   BEST=$best
   echo "RESULT $name $transport max_cps=$best calls_per_cpu_second=$best_cpu p50_ms_at_half=$p50 p99_ms_at_half=$p99 rss_idle_mib=$((idle / 1024)) rss_load_mib=$((best_rss / 1024))"
   echo
-}
-
-gate_config() {
-  local port=$1 uas=$2 transport=$3 rate=${4:-1000000} burst=${5:-1000000}
-  cat <<EOF
-[[listen]]
-address = "127.0.0.1:$port"
-
-[proxy]
-unknown_sources = "reject"
-shutdown_grace_secs = 0
-
-[[upstream]]
-name = "carrier"
-address = "127.0.0.1:$uas"
-transport = "$transport"
-sources = ["127.0.0.1:$uas"]
-
-[[account]]
-name = "main"
-rate = 1000000
-burst = 1000000
-
-[[trunk]]
-name = "pbx"
-account = "main"
-upstream = "carrier"
-rate = $rate
-burst = $burst
-match = { sources = ["127.0.0.0/8"] }
-EOF
 }
 
 for transport in udp tcp; do

@@ -1,6 +1,7 @@
 //! The async shell around the core: UDP receive loops, TCP accept and connection tasks, the
 //! connection table, and sending what the core decided. It never decides policy.
 
+pub mod batch;
 pub mod framing;
 
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use crate::flood::{FloodGuard, Verdict};
 use crate::proxy::{Action, ConnId, Inbound, NextHop, Outbound, Proxy};
 use crate::sip::Transport;
 use crate::telemetry::{LineBudget, Stats, TransportDrop};
+use batch::RecvBatch;
 use framing::{Frame, Framer};
 
 /// Messages queued for one TCP peer before further ones are dropped.
@@ -43,6 +45,29 @@ const CONNECT_TIMEOUT: (u16, &str) = (408, "Request Timeout (Next Hop Did Not An
 const DNS_TTL: Duration = Duration::from_secs(60);
 /// Most cached names; the cache is emptied when it would grow past this.
 const DNS_CACHE_MAX: usize = 4096;
+
+/// UDP datagrams decided from one batch, waiting to go out together: the listener to send
+/// from, and the destination and bytes.
+#[derive(Default)]
+struct Outbox {
+    listeners: Vec<usize>,
+    items: Vec<(SocketAddr, Bytes)>,
+}
+
+impl Outbox {
+    /// Keep `out` when it is a UDP datagram to an address; anything else comes back to be sent
+    /// at once.
+    fn hold(&mut self, out: Outbound) -> Option<Outbound> {
+        match (out.transport, &out.to) {
+            (Transport::Udp, NextHop::Addr(addr)) => {
+                self.listeners.push(out.listener);
+                self.items.push((*addr, out.data));
+                None
+            }
+            _ => Some(out),
+        }
+    }
+}
 
 struct ConnHandle {
     tx: mpsc::Sender<Bytes>,
@@ -241,42 +266,110 @@ impl Shell {
         self.conns.by_id.len()
     }
 
-    /// Receive datagrams on listener `listener` until cancelled.
+    /// Receive datagrams on listener `listener` until cancelled. Each wake reads what the socket
+    /// holds (up to a batch, one system call), decides every datagram, then sends the batch's
+    /// UDP answers and forwards together.
     pub async fn run_udp(self: Arc<Self>, listener: usize, sock: Arc<UdpSocket>) {
-        let mut buf = vec![0u8; UDP_BUF];
+        let mut batch = RecvBatch::new(UDP_BUF);
+        let mut outbox = Outbox::default();
         loop {
-            let (n, src) = tokio::select! {
+            tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                r = sock.recv_from(&mut buf) => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // ICMP errors from earlier sends surface here on Linux; keep serving.
-                        tracing::debug!(error = %e, "udp receive error");
-                        continue;
-                    }
+                r = sock.readable() => if let Err(e) = r {
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
                 },
-            };
-            // Before anything else: a flooding source costs a hash and a table lookup, and
-            // gets no answer.
-            if self.flooding(src) {
-                continue;
             }
-            let inb = Inbound {
-                data: &buf[..n],
-                source: src,
-                transport: Transport::Udp,
-                listener,
-                conn: None,
+            let n = match batch.recv(&sock) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on Linux; keep serving.
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
+                }
             };
-            let action = if n > self.max_message {
-                self.stats.transport_drop(TransportDrop::Oversize, src);
-                self.proxy.refuse_raw(&inb, 513, "Message Too Large")
-            } else {
-                self.decide(&inb)
-            };
-            self.observe(&action, src, Transport::Udp);
-            self.execute(action).await;
+            for i in 0..n {
+                let (data, src) = batch.get(i);
+                // Before anything else: a flooding source costs a hash and a table lookup, and
+                // gets no answer.
+                if self.flooding(src) {
+                    continue;
+                }
+                let inb = Inbound {
+                    data,
+                    source: src,
+                    transport: Transport::Udp,
+                    listener,
+                    conn: None,
+                };
+                let action = if data.len() > self.max_message {
+                    self.stats.transport_drop(TransportDrop::Oversize, src);
+                    self.proxy.refuse_raw(&inb, 513, "Message Too Large")
+                } else {
+                    self.decide(&inb)
+                };
+                self.observe(&action, src, Transport::Udp);
+                self.execute_held(action, &mut outbox).await;
+            }
+            self.flush(&mut outbox).await;
         }
+    }
+
+    /// [`Shell::execute`], except that a UDP datagram to an address goes into `outbox`, to be
+    /// sent with the rest of its batch by [`Shell::flush`].
+    async fn execute_held(self: &Arc<Self>, action: Action, outbox: &mut Outbox) {
+        match action {
+            Action::Forward(out) | Action::Reply(_, out) | Action::Reject(_, out) => {
+                if let Some(out) = outbox.hold(out) {
+                    self.send(out).await;
+                }
+            }
+            Action::Cancelled(ok, terminated) => {
+                for out in [ok, terminated] {
+                    if let Some(out) = outbox.hold(out) {
+                        self.send(out).await;
+                    }
+                }
+            }
+            other => self.execute(other).await,
+        }
+    }
+
+    /// Send what `outbox` holds, in order: each run of datagrams from one listener's socket in
+    /// as few system calls as the kernel allows; what a full socket buffer leaves waits for the
+    /// socket to be writable, as a single send would.
+    async fn flush(self: &Arc<Self>, outbox: &mut Outbox) {
+        let mut start = 0;
+        while start < outbox.items.len() {
+            let listener = outbox.listeners[start];
+            let end = start
+                + outbox.listeners[start..]
+                    .iter()
+                    .take_while(|&&l| l == listener)
+                    .count();
+            let run = &outbox.items[start..end];
+            start = end;
+            let Some(sock) = self.udp.get(listener).and_then(Option::as_ref) else {
+                for (addr, _) in run {
+                    self.stats.transport_drop(TransportDrop::SendFailed, *addr);
+                }
+                continue;
+            };
+            let sent = batch::send(sock, run, |addr, e| self.udp_send_failed(addr, e));
+            for (addr, data) in &run[sent.done..] {
+                if let Err(e) = sock.send_to(data, *addr).await {
+                    self.udp_send_failed(*addr, &e);
+                }
+            }
+        }
+        outbox.listeners.clear();
+        outbox.items.clear();
+    }
+
+    fn udp_send_failed(&self, addr: SocketAddr, e: &std::io::Error) {
+        tracing::debug!(error = %e, %addr, "udp send failed");
+        self.stats.transport_drop(TransportDrop::SendFailed, addr);
     }
 
     /// Accept TCP connections on listener `listener` until `stop` (or the shell) is cancelled.
@@ -431,8 +524,7 @@ impl Shell {
                     return;
                 };
                 if let Err(e) = sock.send_to(&out.data, addr).await {
-                    tracing::debug!(error = %e, %addr, "udp send failed");
-                    self.stats.transport_drop(TransportDrop::SendFailed, addr);
+                    self.udp_send_failed(addr, &e);
                 }
             }
             Transport::Tcp => {
