@@ -1,5 +1,6 @@
 # The gate configuration of the load benchmarks (perf.sh, compare.sh): one listener, one carrier
-# on loopback, one trunk for 127.0.0.0/8 whose limit (by default) never refuses.
+# on loopback, one trunk for 127.0.0.0/8 whose limit (by default) never refuses; with
+# ADMIN_PORT set, the admin API (for /metrics) on that port.
 #   gate_config PORT UAS_PORT TRANSPORT [RATE BURST]
 gate_config() {
   local port=$1 uas=$2 transport=$3 rate=${4:-1000000} burst=${5:-1000000}
@@ -30,4 +31,7 @@ rate = $rate
 burst = $burst
 match = { sources = ["127.0.0.0/8"] }
 EOF
+  if [ -n "${ADMIN_PORT:-}" ]; then
+    printf '\n[admin]\naddress = "127.0.0.1:%s"\n' "$ADMIN_PORT"
+  fi
 }

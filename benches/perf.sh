@@ -4,7 +4,9 @@
 #     ACK, BYE, 200 — seven messages through the gate per call);
 #   - CPU time of the gate process per call (utime + stime from /proc/PID/stat), as calls per
 #     CPU-second;
-#   - latency from INVITE to its first answer, p50/p99, at half that rate;
+#   - latency from INVITE to its first answer, p50/p99, at half that rate, next to the same for
+#     the load tool's two sides talking directly (the harness alone) and, for cpsgate over UDP,
+#     the gate's own transit time (kernel receive stamp to send; cpsgate_udp_transit_seconds);
 #   - resident memory at idle and under load;
 # over UDP and TCP, for cpsgate and, when `kamailio` is installed, for Kamailio (stateless
 # forward() + pipelimit, benches/kamailio.cfg) in the same run.
@@ -108,16 +110,64 @@ measure() {
     fi
   done
   local half=$((best / 2)); [ "$half" -lt 1 ] && half=1
-  read -r _ _ p50 p99 _ _ _ < <(run_step "$transport" "$gport" "$uport" "$half" "${pids[@]}")
+  # Latency moves from run to run on shared cores: HALF_RUNS runs (3 by default), each reported.
+  local p50s=() p99s=() transits=()
+  for _ in $(seq 1 "${HALF_RUNS:-3}"); do
+    local hist_before="" transit="n/a"
+    [ -n "${ADMIN:-}" ] && hist_before=$(transit_buckets)
+    read -r _ _ p50 p99 _ _ _ < <(run_step "$transport" "$gport" "$uport" "$half" "${pids[@]}")
+    [ -n "${ADMIN:-}" ] && transit=$(transit_quantiles "$hist_before" "$(transit_buckets)")
+    p50s+=("$p50"); p99s+=("$p99"); transits+=("$transit")
+  done
+  p50=$(IFS=/; echo "${p50s[*]}"); p99=$(IFS=/; echo "${p99s[*]}"); transit=$(IFS=/; echo "${transits[*]}")
+  # The harness alone at the same rate (the load tool's PBX side straight to its carrier side):
+  # what the latency would be without a gate on this machine.
+  local dport; dport=$(free_port)
+  "$BIN" load --gate "127.0.0.1:$dport" --transport "$transport" --uas "127.0.0.1:$dport" \
+    --cps "$half" --duration "$STEP_SECS" --drain 2 --quiet --json "$WORK/d.json" >/dev/null
+  local dp50 dp99
+  dp50=$(json_field "$WORK/d.json" "round(d['p50_ms'],3)")
+  dp99=$(json_field "$WORK/d.json" "round(d['p99_ms'],3)")
   echo
   BEST=$best
-  echo "RESULT $name $transport max_cps=$best calls_per_cpu_second=$best_cpu p50_ms_at_half=$p50 p99_ms_at_half=$p99 rss_idle_mib=$((idle / 1024)) rss_load_mib=$((best_rss / 1024))"
+  echo "RESULT $name $transport max_cps=$best calls_per_cpu_second=$best_cpu p50_ms_at_half=$p50 p99_ms_at_half=$p99 harness_alone_p50_ms=$dp50 harness_alone_p99_ms=$dp99 transit_at_half=$transit rss_idle_mib=$((idle / 1024)) rss_load_mib=$((best_rss / 1024))"
   echo
 }
 
+# The gate's UDP transit histogram (cpsgate_udp_transit_seconds), "le count" per bucket.
+transit_buckets() {
+  python3 - "$ADMIN" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+for line in text.splitlines():
+    if line.startswith("cpsgate_udp_transit_seconds_bucket"):
+        le = line.split('le="')[1].split('"')[0]
+        print(le, line.rsplit(" ", 1)[1])
+PY
+}
+
+# transit_quantiles BEFORE AFTER: p50 and p99 of the datagrams counted between the two
+# snapshots, as the upper bound of the bucket each falls in ("p50<=0.05ms,p99<=0.2ms").
+transit_quantiles() {
+  python3 - "$1" "$2" <<'PY'
+import sys
+def parse(t):
+    return [(l.split()[0], float(l.split()[1])) for l in t.splitlines() if l.strip()]
+before, after = dict(parse(sys.argv[1])), parse(sys.argv[2])
+delta = [(le, n - before.get(le, 0)) for le, n in after]
+total = delta[-1][1] if delta else 0
+def q(p):
+    for le, n in delta:
+        if n >= p * total:
+            return "inf" if le == "+Inf" else f"{float(le) * 1000:g}ms"
+out = f"p50<={q(0.5)},p99<={q(0.99)},n={int(total)}" if total else "none"
+print(out)
+PY
+}
+
 for transport in udp tcp; do
-  gport=$(free_port); uport=$(free_port)
-  gate_config "$gport" "$uport" "$transport" > "$WORK/gate.toml"
+  gport=$(free_port); uport=$(free_port); ADMIN=$(free_port)
+  ADMIN_PORT=$ADMIN gate_config "$gport" "$uport" "$transport" > "$WORK/gate.toml"
   "$BIN" run --config "$WORK/gate.toml" --log warn >"$WORK/gate.log" 2>&1 &
   gp=$!; GATE_PIDS+=("$gp")
   sleep 1
@@ -128,6 +178,7 @@ for transport in udp tcp; do
   kill "$gp"; wait "$gp" 2>/dev/null || true
   [ "$transport" = udp ] && UDP_MAX=$BEST
 done
+ADMIN=
 
 # Accuracy at max load: the highest sustained UDP rate offered to a trunk of half that rate
 # (burst a tenth of the rate); the carrier side counts the INVITEs reaching it per second.

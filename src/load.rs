@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
+use crate::transport::batch::{self, RecvBatch};
 use crate::transport::framing::{Frame, Framer};
 
 /// What to run.
@@ -262,23 +263,23 @@ fn respond(req: &str, code: u16, reason: &str, contact: Option<&str>) -> Bytes {
     Bytes::from(out)
 }
 
-/// The carrier: answer INVITEs 100/180/200, BYEs 200; absorb ACKs.
-async fn uas_message(state: &State, msg: &str, tx: &Tx, contact: &str) {
+/// The carrier: answer INVITEs 100/180/200, BYEs 200 (into `out`); absorb ACKs.
+fn uas_message(state: &State, msg: &str, contact: &str, out: &mut Vec<Bytes>) {
     let method = msg.split(' ').next().unwrap_or_default();
     match method {
         "INVITE" => {
             state.reached.fetch_add(1, Ordering::Relaxed);
-            tx.send(respond(msg, 100, "Trying", None)).await;
-            tx.send(respond(msg, 180, "Ringing", Some(contact))).await;
-            tx.send(respond(msg, 200, "OK", Some(contact))).await;
+            out.push(respond(msg, 100, "Trying", None));
+            out.push(respond(msg, 180, "Ringing", Some(contact)));
+            out.push(respond(msg, 200, "OK", Some(contact)));
         }
-        "BYE" => tx.send(respond(msg, 200, "OK", None)).await,
+        "BYE" => out.push(respond(msg, 200, "OK", None)),
         _ => {}
     }
 }
 
-/// The PBX side: note the answers, and send the ACK (and BYE) each call needs.
-async fn uac_message(state: &State, args: &LoadArgs, local: SocketAddr, msg: &str, tx: &Tx) {
+/// The PBX side: note the answers, and put the ACK (and BYE) each call needs into `out`.
+fn uac_message(state: &State, args: &LoadArgs, local: SocketAddr, msg: &str, out: &mut Vec<Bytes>) {
     let Some(code) = msg
         .strip_prefix("SIP/2.0 ")
         .and_then(|r| r.get(..3))
@@ -326,13 +327,42 @@ async fn uac_message(state: &State, args: &LoadArgs, local: SocketAddr, msg: &st
     }
     if code < 300 {
         state.answered.fetch_add(1, Ordering::Relaxed);
-        tx.send(in_dialog(args, local, msg, "ACK", n)).await;
-        tx.send(in_dialog(args, local, msg, "BYE", n)).await;
+        out.push(in_dialog(args, local, msg, "ACK", n));
+        out.push(in_dialog(args, local, msg, "BYE", n));
     } else {
         if let Some(c) = state.refused.get(usize::from(code)) {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        tx.send(in_dialog(args, local, msg, "ACK", n)).await;
+        out.push(in_dialog(args, local, msg, "ACK", n));
+    }
+}
+
+/// One UDP side: read datagrams in batches, let `handle` put what each calls for into the
+/// out list, and send the batch's list together.
+async fn udp_side(
+    sock: Arc<UdpSocket>,
+    mut handle: impl FnMut(&str, SocketAddr, &mut Vec<(SocketAddr, Bytes)>) + Send,
+) {
+    let mut batch = RecvBatch::new(65_535);
+    let mut out = Vec::new();
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        let n = match batch.recv(&sock) {
+            Ok(n) => n,
+            // Nothing after all, or an ICMP error of an earlier send: read on.
+            Err(_) => continue,
+        };
+        for i in 0..n {
+            let (data, from) = batch.get(i);
+            handle(&String::from_utf8_lossy(data), from, &mut out);
+        }
+        let sent = batch::send(&sock, &out, |_, _| {});
+        for (to, data) in &out[sent.done..] {
+            let _ = sock.send_to(data, *to).await;
+        }
+        out.clear();
     }
 }
 
@@ -417,8 +447,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
                     tokio::spawn(read_stream(rd, move |m| {
                         let (state, tx, contact) = (state.clone(), tx.clone(), contact.clone());
                         Box::pin(async move {
-                            let text = String::from_utf8_lossy(&m);
-                            uas_message(&state, &text, &tx, &contact).await;
+                            let mut out = Vec::new();
+                            uas_message(&state, &String::from_utf8_lossy(&m), &contact, &mut out);
+                            for m in out {
+                                tx.send(m).await;
+                            }
                         })
                     }));
                 }
@@ -426,14 +459,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         } else {
             let sock = Arc::new(bind_udp(uas)?);
             let state = state.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65_535];
-                while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                    let tx = Tx::Udp(sock.clone(), from);
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    uas_message(&state, &text, &tx, &contact).await;
-                }
-            });
+            tokio::spawn(udp_side(sock, move |msg, from, out| {
+                let mut answers = Vec::new();
+                uas_message(&state, msg, &contact, &mut answers);
+                out.extend(answers.into_iter().map(|a| (from, a)));
+            }));
         }
     }
 
@@ -448,8 +478,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         tokio::spawn(read_stream(rd, move |m| {
             let (st, a, t) = (st.clone(), a.clone(), t.clone());
             Box::pin(async move {
-                let text = String::from_utf8_lossy(&m);
-                uac_message(&st, &a, local, &text, &t).await;
+                let mut out = Vec::new();
+                uac_message(&st, &a, local, &String::from_utf8_lossy(&m), &mut out);
+                for m in out {
+                    t.send(m).await;
+                }
             })
         }));
         (tx, local)
@@ -457,14 +490,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         let sock = Arc::new(bind_udp(args.uac)?);
         let local = sock.local_addr()?;
         let tx = Tx::Udp(sock.clone(), args.gate);
-        let (st, a, t) = (state.clone(), args.clone(), tx.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65_535];
-            while let Ok((n, _)) = sock.recv_from(&mut buf).await {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                uac_message(&st, &a, local, &text, &t).await;
-            }
-        });
+        let (st, a, gate) = (state.clone(), args.clone(), args.gate);
+        let reader = sock.clone();
+        tokio::spawn(udp_side(reader, move |msg, _, out| {
+            let mut requests = Vec::new();
+            uac_message(&st, &a, local, msg, &mut requests);
+            out.extend(requests.into_iter().map(|r| (gate, r)));
+        }));
         (tx, local)
     };
 

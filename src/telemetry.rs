@@ -191,6 +191,9 @@ pub struct Stats {
     pub responses: [AtomicU64; 7],
     /// Time the core took per message.
     pub latency: Histogram,
+    /// Time from a UDP datagram's arrival at the gate's socket (the kernel's receive
+    /// timestamp) to what it caused leaving the gate, for datagrams answered or relayed at once.
+    pub transit: Transit,
     /// INVITEs paced (queued for their slot).
     pub queued: AtomicU64,
     /// Configuration reloads applied.
@@ -207,21 +210,65 @@ pub const LATENCY_BOUNDS_NS: [u64; 9] = [
     500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1_000_000,
 ];
 
+/// Upper bounds (ns) of the UDP transit histogram buckets: from a datagram's arrival at the
+/// gate's socket to its forward or answer leaving the gate.
+pub const TRANSIT_BOUNDS_NS: [u64; 12] = [
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+];
+
+/// Most buckets of a [`Histogram`] (its bounds and +Inf).
+const MAX_BUCKETS: usize = 16;
+
 /// A fixed-bucket histogram of nanosecond durations (Prometheus `le` buckets, cumulative at
 /// render time).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+    bounds: &'static [u64],
+    buckets: [AtomicU64; MAX_BUCKETS],
     sum_ns: AtomicU64,
 }
 
+impl Default for Histogram {
+    /// The decision-latency histogram.
+    fn default() -> Self {
+        Self::new(&LATENCY_BOUNDS_NS)
+    }
+}
+
 impl Histogram {
+    /// An empty histogram with these bucket upper bounds (ns, ascending, at most 15).
+    pub const fn new(bounds: &'static [u64]) -> Self {
+        assert!(bounds.len() < MAX_BUCKETS);
+        Self {
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS],
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The bucket upper bounds (ns).
+    pub fn bounds(&self) -> &'static [u64] {
+        self.bounds
+    }
+
     /// Count one observation.
     pub fn observe(&self, ns: u64) {
-        let i = LATENCY_BOUNDS_NS
+        let i = self
+            .bounds
             .iter()
             .position(|&b| ns <= b)
-            .unwrap_or(LATENCY_BOUNDS_NS.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
@@ -229,12 +276,22 @@ impl Histogram {
     /// Per-bucket counts (not cumulative; the last is +Inf) and the sum in ns.
     pub fn read(&self) -> (Vec<u64>, u64) {
         (
-            self.buckets
+            self.buckets[..=self.bounds.len()]
                 .iter()
                 .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
             self.sum_ns.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// The UDP transit histogram ([`TRANSIT_BOUNDS_NS`]).
+#[derive(Debug)]
+pub struct Transit(pub Histogram);
+
+impl Default for Transit {
+    fn default() -> Self {
+        Self(Histogram::new(&TRANSIT_BOUNDS_NS))
     }
 }
 

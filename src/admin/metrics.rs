@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::limiter::Stage;
 use crate::proxy::{DropReason, Proxy};
-use crate::telemetry::{LATENCY_BOUNDS_NS, Stats, TransportDrop};
+use crate::telemetry::{Histogram, Stats, TransportDrop};
 
 /// Escape a label value (`\`, `"` and newlines, per the exposition format).
 fn label(v: &str) -> String {
@@ -41,6 +41,23 @@ impl Out {
 }
 
 const CLASSES: [&str; 7] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx"];
+
+/// A histogram of nanosecond durations as a Prometheus histogram in seconds.
+fn histogram(o: &mut Out, name: &str, help: &str, h: &Histogram) {
+    o.family(name, "histogram", help);
+    let (buckets, sum_ns) = h.read();
+    let mut cumulative = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        cumulative += n;
+        let le = h
+            .bounds()
+            .get(i)
+            .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 / 1e9));
+        o.sample(&format!("{name}_bucket"), &[("le", &le)], cumulative);
+    }
+    o.sample(&format!("{name}_sum"), &[], sum_ns as f64 / 1e9);
+    o.sample(&format!("{name}_count"), &[], cumulative);
+}
 
 /// Render every metric.
 pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
@@ -364,26 +381,19 @@ pub fn render(stats: &Stats, proxy: &Proxy, now: Instant) -> String {
             cumulative,
         );
     }
-    o.family(
+    histogram(
+        &mut o,
         "cpsgate_decision_seconds",
-        "histogram",
         "Time the decision core took per message.",
+        &stats.latency,
     );
-    let (buckets, sum_ns) = stats.latency.read();
-    let mut cumulative = 0;
-    for (i, n) in buckets.iter().enumerate() {
-        cumulative += n;
-        let le = LATENCY_BOUNDS_NS
-            .get(i)
-            .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 / 1e9));
-        o.sample(
-            "cpsgate_decision_seconds_bucket",
-            &[("le", &le)],
-            cumulative,
-        );
-    }
-    o.sample("cpsgate_decision_seconds_sum", &[], sum_ns as f64 / 1e9);
-    o.sample("cpsgate_decision_seconds_count", &[], cumulative);
+    histogram(
+        &mut o,
+        "cpsgate_udp_transit_seconds",
+        "Time from a UDP datagram's arrival at the gate's socket (kernel receive timestamp) to \
+         its forward or answer leaving the gate, for datagrams relayed or answered at once.",
+        &stats.transit.0,
+    );
     o.family(
         "cpsgate_config_reloads_total",
         "counter",

@@ -21,6 +21,9 @@ pub const BATCH: usize = 32;
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     got: Vec<(usize, SocketAddr)>,
+    /// Per datagram, when the kernel received it (ns since the Unix epoch), when the socket
+    /// reports it ([`enable_timestamps`]); else 0.
+    arrived: Vec<u64>,
     /// Datagrams the next receive asks for: doubled while receives come back full, set to
     /// twice what the last one found when it came back short. The system call's headers are
     /// built per call for this many, so a quiet socket does not pay for a whole batch.
@@ -33,6 +36,7 @@ impl RecvBatch {
         Self {
             bufs: (0..BATCH).map(|_| vec![0u8; size]).collect(),
             got: Vec::with_capacity(BATCH),
+            arrived: Vec::with_capacity(BATCH),
             want: 2,
         }
     }
@@ -42,9 +46,10 @@ impl RecvBatch {
     /// (which clears the socket's readiness).
     pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         self.got.clear();
+        self.arrived.clear();
         let want = self.want;
-        let (bufs, got) = (&mut self.bufs[..want], &mut self.got);
-        sock.try_io(Interest::READABLE, || recv_into(sock, bufs, got))?;
+        let (bufs, got, arrived) = (&mut self.bufs[..want], &mut self.got, &mut self.arrived);
+        sock.try_io(Interest::READABLE, || recv_into(sock, bufs, got, arrived))?;
         let n = self.got.len();
         self.want = if n == want {
             (want * 2).min(BATCH)
@@ -67,6 +72,32 @@ impl RecvBatch {
         let (n, src) = self.got[i];
         (&self.bufs[i][..n], src)
     }
+
+    /// When the kernel received datagram `i` of the last receive (ns since the Unix epoch), if
+    /// the socket reports it.
+    pub fn arrived(&self, i: usize) -> Option<u64> {
+        self.arrived.get(i).copied().filter(|&t| t > 0)
+    }
+}
+
+/// Ask the kernel to stamp each datagram `sock` receives with its arrival time (SO_TIMESTAMPNS),
+/// which [`RecvBatch::arrived`] reports (Linux; elsewhere an `Unsupported` error).
+#[cfg(target_os = "linux")]
+pub fn enable_timestamps(sock: &UdpSocket) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimestampns};
+    Ok(setsockopt(sock, ReceiveTimestampns, &true)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn enable_timestamps(_sock: &UdpSocket) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// The wall clock now in ns since the Unix epoch (the clock of the kernel's receive stamps).
+pub fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(target_os = "linux")]
@@ -74,14 +105,19 @@ fn recv_into(
     sock: &UdpSocket,
     bufs: &mut [Vec<u8>],
     got: &mut Vec<(usize, SocketAddr)>,
+    arrived: &mut Vec<u64>,
 ) -> io::Result<()> {
-    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+    use nix::sys::socket::{
+        ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg,
+    };
+    use nix::sys::time::TimeSpec;
     use std::io::IoSliceMut;
     use std::os::fd::AsRawFd;
 
     // Rebuilt per call: the headers hold raw pointers, so they cannot live in a task's state
-    // across an await; two small allocations per batch.
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), None);
+    // across an await; a few small allocations per batch.
+    let mut headers =
+        MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), Some(nix::cmsg_space!(TimeSpec)));
     let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
         .iter_mut()
         .map(|b| [IoSliceMut::new(b.as_mut_slice())])
@@ -105,6 +141,16 @@ fn recv_into(
         // buffer `i` stays datagram `i`, with an address no check will accept.
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         got.push((m.bytes, src.unwrap_or(unspecified)));
+        let stamp = m.cmsgs().ok().and_then(|mut c| {
+            c.find_map(|c| match c {
+                ControlMessageOwned::ScmTimestampns(t) => Some(t),
+                _ => None,
+            })
+        });
+        arrived.push(stamp.map_or(0, |t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        }));
     }
     Ok(())
 }
@@ -114,9 +160,11 @@ fn recv_into(
     sock: &UdpSocket,
     bufs: &mut [Vec<u8>],
     got: &mut Vec<(usize, SocketAddr)>,
+    arrived: &mut Vec<u64>,
 ) -> io::Result<()> {
     let (n, src) = sock.try_recv_from(&mut bufs[0])?;
     got.push((n, src));
+    arrived.push(0);
     Ok(())
 }
 
@@ -274,6 +322,60 @@ mod tests {
             }
         }
         assert_eq!(sizes, vec![20, 5]);
+    }
+
+    #[tokio::test]
+    async fn each_datagram_carries_the_time_the_kernel_received_it() {
+        let (rx, tx) = pair().await;
+        let to = rx.local_addr().expect("addr");
+        let mut batch = RecvBatch::new(64);
+        // Without the option there is no stamp.
+        tx.send_to(b"plain", to).await.expect("send");
+        readable(&rx).await;
+        assert_eq!(batch.recv(&rx).expect("receive"), 1);
+        assert_eq!(batch.arrived(0), None);
+        if let Err(e) = enable_timestamps(&rx) {
+            // Only where the system has no SO_TIMESTAMPNS.
+            assert_eq!(e.kind(), io::ErrorKind::Unsupported, "{e}");
+            return;
+        }
+        // The kernel turns stamping on at arrival a moment later (until then it stamps a
+        // datagram when it is read): wait until a datagram read 20 ms after it was sent
+        // carries its sending time.
+        let mut on = false;
+        for _ in 0..100 {
+            let sent = wall_ns();
+            tx.send_to(b"probe", to).await.expect("send");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            readable(&rx).await;
+            assert_eq!(batch.recv(&rx).expect("receive"), 1);
+            if batch.arrived(0).expect("stamped") < sent + 10_000_000 {
+                on = true;
+                break;
+            }
+        }
+        assert!(on, "the kernel stamps datagrams at arrival");
+        let before = wall_ns();
+        tx.send_to(b"one", to).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tx.send_to(b"two", to).await.expect("send");
+        readable(&rx).await;
+        let mut stamps = Vec::new();
+        while stamps.len() < 2 {
+            readable(&rx).await;
+            let Ok(n) = batch.recv(&rx) else { continue };
+            stamps.extend((0..n).map(|i| batch.arrived(i).expect("stamped")));
+        }
+        let after = wall_ns();
+        assert!(
+            before <= stamps[0] && stamps[1] <= after,
+            "{before} {stamps:?} {after}"
+        );
+        // The second was stamped when it arrived (30 ms later), not when it was read.
+        assert!(
+            stamps[1].saturating_sub(stamps[0]) >= 25_000_000,
+            "{stamps:?}"
+        );
     }
 
     #[tokio::test]

@@ -272,6 +272,11 @@ impl Shell {
     pub async fn run_udp(self: Arc<Self>, listener: usize, sock: Arc<UdpSocket>) {
         let mut batch = RecvBatch::new(UDP_BUF);
         let mut outbox = Outbox::default();
+        // Arrival times of the batch's datagrams that caused a send, for the transit histogram.
+        let mut arrivals = Vec::with_capacity(batch::BATCH);
+        if let Err(e) = batch::enable_timestamps(&sock) {
+            tracing::debug!(error = %e, "no receive timestamps: the transit histogram stays empty");
+        }
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -310,9 +315,21 @@ impl Shell {
                     self.decide(&inb)
                 };
                 self.observe(&action, src, Transport::Udp);
+                let held = outbox.items.len();
                 self.execute_held(action, &mut outbox).await;
+                if outbox.items.len() > held
+                    && let Some(t) = batch.arrived(i)
+                {
+                    arrivals.push(t);
+                }
             }
             self.flush(&mut outbox).await;
+            if !arrivals.is_empty() {
+                let now = batch::wall_ns();
+                for t in arrivals.drain(..) {
+                    self.stats.transit.0.observe(now.saturating_sub(t));
+                }
+            }
         }
     }
 

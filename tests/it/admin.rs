@@ -79,6 +79,15 @@ async fn metrics_and_v1_equal_the_decisions_made() {
         3
     );
     assert_eq!(metric(&text, "cpsgate_decision_seconds_count"), 5);
+    // Each of the five datagrams caused a send at once (forward or 503): each has a transit
+    // time, from the kernel's receive stamp (Linux) to the send.
+    if cfg!(target_os = "linux") {
+        assert_eq!(metric(&text, "cpsgate_udp_transit_seconds_count"), 5);
+        assert_eq!(
+            metric(&text, "cpsgate_udp_transit_seconds_bucket{le=\"+Inf\"}"),
+            5
+        );
+    }
     let (_, body) = http(admin, "GET", "/v1/trunks/t1", None, "").await;
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["admitted"], 2);
