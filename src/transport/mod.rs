@@ -28,6 +28,8 @@ use framing::{Frame, Framer};
 
 /// Messages queued for one TCP peer before further ones are dropped.
 const CONN_QUEUE: usize = 256;
+/// Most bytes of queued messages a TCP writer joins into one write.
+const WRITE_BATCH: usize = 64 * 1024;
 /// Name lookups under way at once.
 const MAX_LOOKUPS: usize = 64;
 /// Largest UDP datagram we read.
@@ -717,8 +719,12 @@ impl Shell {
         let dead_guard = dead.clone().drop_guard();
         let writer = self.tracker.spawn(async move {
             let _dead = dead_guard;
-            while let Some(b) = rx.recv().await {
-                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&b)).await {
+            // What is queued when the writer wakes goes out in one write (one system call, and
+            // with TCP_NODELAY as few segments as the bytes need), up to WRITE_BATCH bytes.
+            let mut out = BytesMut::new();
+            while let Some(first) = rx.recv().await {
+                let pending = gather(&first, &mut rx, &mut out);
+                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(pending)).await {
                     Ok(Ok(())) => {}
                     _ => {
                         tracing::debug!(%peer, id, "tcp write failed or stalled; closing");
@@ -821,6 +827,21 @@ impl Shell {
     }
 }
 
+/// One write's worth for a TCP writer: `first`, and behind it what is already queued on `rx`
+/// until [`WRITE_BATCH`] bytes (joined in `out`; `first` alone when nothing waits).
+fn gather<'a>(first: &'a Bytes, rx: &mut mpsc::Receiver<Bytes>, out: &'a mut BytesMut) -> &'a [u8] {
+    if rx.is_empty() {
+        return first;
+    }
+    out.clear();
+    out.extend_from_slice(first);
+    while out.len() < WRITE_BATCH {
+        let Ok(more) = rx.try_recv() else { break };
+        out.extend_from_slice(&more);
+    }
+    out
+}
+
 /// Connect to `peer`, from `local` when given (so carriers see the listener's address).
 async fn connect_from(
     local: Option<std::net::IpAddr>,
@@ -835,4 +856,34 @@ async fn connect_from(
         sock.bind(SocketAddr::new(ip, 0))?;
     }
     sock.connect(peer).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tcp_writer_joins_what_is_queued_into_one_write_up_to_its_budget() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut out = BytesMut::new();
+        // Nothing behind the first: it goes alone.
+        let lone = Bytes::from_static(b"INVITE");
+        assert_eq!(gather(&lone, &mut rx, &mut out), b"INVITE");
+        // Three queued: one write of all three, in order.
+        for m in ["a", "bb", "ccc"] {
+            tx.try_send(Bytes::from(m)).expect("queued");
+        }
+        let first = rx.recv().await.expect("first");
+        assert_eq!(gather(&first, &mut rx, &mut out), b"abbccc");
+        assert!(rx.is_empty());
+        // Past the budget the rest waits for the next write.
+        let big = Bytes::from(vec![b'x'; WRITE_BATCH / 2 + 1]);
+        for _ in 0..3 {
+            tx.try_send(big.clone()).expect("queued");
+        }
+        let first = rx.recv().await.expect("first");
+        assert_eq!(gather(&first, &mut rx, &mut out).len(), 2 * big.len());
+        let first = rx.recv().await.expect("the third is still queued");
+        assert_eq!(gather(&first, &mut rx, &mut out).len(), big.len());
+    }
 }
