@@ -298,6 +298,9 @@ pub struct TcpSettings {
     /// Longest a message may take to arrive once its first byte has (a trickle that keeps a
     /// connection from idling out is cut here: slowloris).
     pub message_timeout: std::time::Duration,
+    /// Most bytes waiting to be written to one connection; a message that would pass it is
+    /// dropped and counted (`queue_full`).
+    pub send_queue: usize,
 }
 
 /// A destination: host (IP literal or name resolved at start) and port.
@@ -706,6 +709,12 @@ impl<'t> Validator<'t> {
                 10,
                 1..=3600,
             ) as u64),
+            send_queue: self.size(
+                "tcp.send_queue_kib",
+                doc.tcp.send_queue_kib.as_ref(),
+                1024,
+                16..=1_048_576,
+            ) * 1024,
         };
         let pbx = doc.pbx.as_ref().and_then(|p| {
             self.target(
@@ -1823,14 +1832,19 @@ match = { sources = ["10.0.0.0/8"] }
         let c = Config::parse(GOOD, "t").unwrap();
         assert_eq!(c.tcp.max_connections_per_source, 64);
         assert_eq!(c.tcp.message_timeout, std::time::Duration::from_secs(10));
-        let text =
-            format!("{GOOD}\n[tcp]\nmax_connections_per_source = 0\nmessage_timeout_secs = 0\n");
+        assert_eq!(c.tcp.send_queue, 1024 * 1024);
+        let text = format!(
+            "{GOOD}\n[tcp]\nmax_connections_per_source = 0\nmessage_timeout_secs = 0\nsend_queue_kib = 8\n"
+        );
         let e = Config::parse(&text, "t").unwrap_err().to_string();
         assert!(
             e.contains("line 22: tcp.max_connections_per_source = 0"),
             "{e}"
         );
         assert!(e.contains("line 23: tcp.message_timeout_secs = 0"), "{e}");
+        assert!(e.contains("line 24: tcp.send_queue_kib = 8"), "{e}");
+        let text = format!("{GOOD}\n[tcp]\nsend_queue_kib = 64\n");
+        assert_eq!(Config::parse(&text, "t").unwrap().tcp.send_queue, 64 * 1024);
     }
 
     #[test]

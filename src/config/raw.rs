@@ -47,6 +47,7 @@ pub struct Tcp {
     pub max_connections: Option<Spanned<i64>>,
     pub max_connections_per_source: Option<Spanned<i64>>,
     pub message_timeout_secs: Option<Spanned<i64>>,
+    pub send_queue_kib: Option<Spanned<i64>>,
 }
 
 /// `[pbx]`: where requests from carriers go.

@@ -6,7 +6,7 @@ pub mod framing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -26,8 +26,6 @@ use crate::telemetry::{LineBudget, Stats, TransportDrop};
 use batch::RecvBatch;
 use framing::{Frame, Framer};
 
-/// Messages queued for one TCP peer before further ones are dropped.
-const CONN_QUEUE: usize = 256;
 /// Most bytes of queued messages a TCP writer joins into one write.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Name lookups under way at once.
@@ -71,8 +69,80 @@ impl Outbox {
     }
 }
 
+/// The sending end of a TCP connection's queue: bounded in bytes (`tcp.send_queue_kib`), so a
+/// busy carrier connection gets room for many small messages and a stalled one holds at most the
+/// budget.
+#[derive(Clone)]
+struct ConnTx {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+/// The writer's end: takes messages and gives their bytes back to the budget.
+struct ConnRx {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A connection's queue holding at most `budget` bytes (a lone message larger than the budget
+/// still goes when the queue is empty).
+fn conn_queue(budget: usize) -> (ConnTx, ConnRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        ConnTx {
+            tx,
+            queued: queued.clone(),
+            budget,
+        },
+        ConnRx { rx, queued },
+    )
+}
+
+impl ConnTx {
+    /// Queue `b`, or give it back when the budget is spent or the writer is gone.
+    fn try_send(&self, b: Bytes) -> Result<(), Bytes> {
+        let n = b.len();
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.budget {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(b);
+        }
+        self.tx.send(b).map_err(|e| {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            e.0
+        })
+    }
+}
+
+impl ConnRx {
+    /// The next message, waiting for one; `None` once every sender is gone and it is empty.
+    async fn recv(&mut self) -> Option<Bytes> {
+        let b = self.rx.recv().await?;
+        self.queued.fetch_sub(b.len(), Ordering::AcqRel);
+        Some(b)
+    }
+
+    /// The next message if one is queued.
+    fn try_recv(&mut self) -> Option<Bytes> {
+        let b = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(b.len(), Ordering::AcqRel);
+        Some(b)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// No more messages may be queued (what is queued can still be taken).
+    fn close(&mut self) {
+        self.rx.close();
+    }
+}
+
 struct ConnHandle {
-    tx: mpsc::Sender<Bytes>,
+    tx: ConnTx,
     peer: SocketAddr,
 }
 
@@ -98,7 +168,7 @@ impl Default for ConnTable {
 }
 
 impl ConnTable {
-    fn insert(&self, peer: SocketAddr, tx: mpsc::Sender<Bytes>) -> ConnId {
+    fn insert(&self, peer: SocketAddr, tx: ConnTx) -> ConnId {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.by_id.insert(id, ConnHandle { tx, peer });
         self.by_peer.insert(peer, id);
@@ -111,11 +181,11 @@ impl ConnTable {
         }
     }
 
-    fn sender(&self, id: ConnId) -> Option<mpsc::Sender<Bytes>> {
+    fn sender(&self, id: ConnId) -> Option<ConnTx> {
         self.by_id.get(&id).map(|h| h.tx.clone())
     }
 
-    fn sender_to(&self, peer: SocketAddr) -> Option<mpsc::Sender<Bytes>> {
+    fn sender_to(&self, peer: SocketAddr) -> Option<ConnTx> {
         let id = *self.by_peer.get(&peer)?;
         self.sender(id)
     }
@@ -430,7 +500,7 @@ impl Shell {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let (tx, rx) = mpsc::channel(CONN_QUEUE);
+            let (tx, rx) = conn_queue(self.tcp.send_queue);
             let id = self.conns.insert(peer, tx);
             self.stats.connections.fetch_add(1, Ordering::Relaxed);
             let shell = self.clone();
@@ -633,7 +703,7 @@ impl Shell {
             .get(listener)
             .map(|l| l.bound.ip())
             .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == peer.is_ipv4());
-        let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
+        let (tx, mut rx) = conn_queue(self.tcp.send_queue);
         // The message this connection is opened for is queued first, before anyone else can
         // find the connection: if it fails, the first queued message is that one.
         let _ = tx.try_send(first);
@@ -672,7 +742,7 @@ impl Shell {
                     // connection, goes over UDP instead when it can.
                     rx.close();
                     let mut skip = udp_fallback.is_some();
-                    while let Ok(queued) = rx.try_recv() {
+                    while let Some(queued) = rx.try_recv() {
                         if std::mem::take(&mut skip) {
                             continue;
                         }
@@ -711,7 +781,7 @@ impl Shell {
         id: ConnId,
         peer: SocketAddr,
         listener: usize,
-        mut rx: mpsc::Receiver<Bytes>,
+        mut rx: ConnRx,
     ) {
         let (mut rd, mut wr) = stream.into_split();
         // The writer cancels `dead` when it gives up, so the reader stops too.
@@ -829,14 +899,14 @@ impl Shell {
 
 /// One write's worth for a TCP writer: `first`, and behind it what is already queued on `rx`
 /// until [`WRITE_BATCH`] bytes (joined in `out`; `first` alone when nothing waits).
-fn gather<'a>(first: &'a Bytes, rx: &mut mpsc::Receiver<Bytes>, out: &'a mut BytesMut) -> &'a [u8] {
+fn gather<'a>(first: &'a Bytes, rx: &mut ConnRx, out: &'a mut BytesMut) -> &'a [u8] {
     if rx.is_empty() {
         return first;
     }
     out.clear();
     out.extend_from_slice(first);
     while out.len() < WRITE_BATCH {
-        let Ok(more) = rx.try_recv() else { break };
+        let Some(more) = rx.try_recv() else { break };
         out.extend_from_slice(&more);
     }
     out
@@ -864,14 +934,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_tcp_writer_joins_what_is_queued_into_one_write_up_to_its_budget() {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = conn_queue(1 << 20);
         let mut out = BytesMut::new();
         // Nothing behind the first: it goes alone.
         let lone = Bytes::from_static(b"INVITE");
         assert_eq!(gather(&lone, &mut rx, &mut out), b"INVITE");
         // Three queued: one write of all three, in order.
         for m in ["a", "bb", "ccc"] {
-            tx.try_send(Bytes::from(m)).expect("queued");
+            assert!(tx.try_send(Bytes::from(m)).is_ok());
         }
         let first = rx.recv().await.expect("first");
         assert_eq!(gather(&first, &mut rx, &mut out), b"abbccc");
@@ -879,11 +949,38 @@ mod tests {
         // Past the budget the rest waits for the next write.
         let big = Bytes::from(vec![b'x'; WRITE_BATCH / 2 + 1]);
         for _ in 0..3 {
-            tx.try_send(big.clone()).expect("queued");
+            assert!(tx.try_send(big.clone()).is_ok());
         }
         let first = rx.recv().await.expect("first");
         assert_eq!(gather(&first, &mut rx, &mut out).len(), 2 * big.len());
         let first = rx.recv().await.expect("the third is still queued");
         assert_eq!(gather(&first, &mut rx, &mut out).len(), big.len());
+    }
+
+    #[tokio::test]
+    async fn a_connection_queue_is_bounded_in_bytes_not_messages() {
+        let (tx, mut rx) = conn_queue(1000);
+        // Many small messages fit where a count of 256 would have refused them.
+        for _ in 0..500 {
+            assert!(tx.try_send(Bytes::from_static(b"a")).is_ok());
+        }
+        assert!(tx.try_send(Bytes::from(vec![b'b'; 500])).is_ok());
+        // 1 000 bytes queued: one more byte is refused, and given back.
+        let refused = tx
+            .try_send(Bytes::from_static(b"c"))
+            .expect_err("over budget");
+        assert_eq!(refused, Bytes::from_static(b"c"));
+        // What the writer takes frees its bytes.
+        assert_eq!(rx.recv().await.expect("queued"), Bytes::from_static(b"a"));
+        assert!(tx.try_send(Bytes::from_static(b"c")).is_ok());
+        while rx.try_recv().is_some() {}
+        // A lone message larger than the budget still goes on an empty queue, not behind one.
+        let huge = Bytes::from(vec![b'h'; 5000]);
+        assert!(tx.try_send(huge.clone()).is_ok());
+        assert!(tx.try_send(Bytes::from_static(b"d")).is_err());
+        assert_eq!(rx.recv().await.expect("queued"), huge);
+        // A closed queue refuses.
+        rx.close();
+        assert!(tx.try_send(Bytes::from_static(b"e")).is_err());
     }
 }
