@@ -459,10 +459,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         } else {
             let sock = Arc::new(bind_udp(uas)?);
             let state = state.clone();
+            let mut answers = Vec::new();
             tokio::spawn(udp_side(sock, move |msg, from, out| {
-                let mut answers = Vec::new();
                 uas_message(&state, msg, &contact, &mut answers);
-                out.extend(answers.into_iter().map(|a| (from, a)));
+                out.extend(answers.drain(..).map(|a| (from, a)));
             }));
         }
     }
@@ -492,10 +492,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         let tx = Tx::Udp(sock.clone(), args.gate);
         let (st, a, gate) = (state.clone(), args.clone(), args.gate);
         let reader = sock.clone();
+        let mut requests = Vec::new();
         tokio::spawn(udp_side(reader, move |msg, _, out| {
-            let mut requests = Vec::new();
             uac_message(&st, &a, local, msg, &mut requests);
-            out.extend(requests.into_iter().map(|r| (gate, r)));
+            out.extend(requests.drain(..).map(|r| (gate, r)));
         }));
         (tx, local)
     };
